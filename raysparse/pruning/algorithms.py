@@ -1,0 +1,125 @@
+"""The simple importance criteria: gradient (first-order Taylor), magnitude, random."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raysparse.errors import RaysparseError
+from raysparse.pruning.registry import Importance, exclude_removed, register
+from raysparse.pruning.scores import UnitScores
+from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, structure_of
+from raysparse.structure.shrink import mask_rows_for
+
+
+def _to_original(model: nn.Module, head_rows: list[torch.Tensor], neuron_rows: list[torch.Tensor]) -> UnitScores:
+    """Scatter per-current-layer rows into full-size [layers x units] tensors (absent = -inf)."""
+    structure = structure_of(model)
+    num_layers, num_heads, ffn = structure.shape
+    heads = torch.full((num_layers, num_heads), float("-inf"))
+    neurons = torch.full((num_layers, ffn), float("-inf"))
+    for pos, layer in enumerate(structure.layers):
+        heads[layer, structure.heads[pos]] = head_rows[pos].detach().float().cpu()
+        neurons[layer, structure.neurons[pos]] = neuron_rows[pos].detach().float().cpu()
+    return UnitScores(heads, neurons)
+
+
+@register
+class GradientImportance(Importance):
+    """Michel et al. (2019): mean |dL/dgate| over batches, a gate on every head and neuron."""
+
+    name = "gradient"
+    needs_data = True
+
+    def __init__(self, max_batches: int | None = None):
+        self.max_batches = max_batches
+
+    def score(self, model, batches=None, loss_fn=None, mask=None) -> UnitScores:
+        if batches is None or loss_fn is None:
+            raise RaysparseError("pruning.algorithm: gradient importance needs scoring data and a loss")
+        enc = Encoder(model)
+        if mask is not None:
+            head_rows, neuron_rows, layer_rows = mask_rows_for(model, mask)
+        else:
+            head_rows = [torch.ones(n) for n in enc.heads_per_layer()]
+            neuron_rows = [torch.ones(n) for n in enc.neurons_per_layer()]
+            layer_rows = None
+        device = next(model.parameters()).device
+        gates = UnitGates([r.to(device).requires_grad_() for r in head_rows],
+                          [r.to(device).requires_grad_() for r in neuron_rows],
+                          None if layer_rows is None else layer_rows.to(device))
+        head_sum = [torch.zeros_like(g) for g in gates.heads]
+        neuron_sum = [torch.zeros_like(g) for g in gates.neurons]
+        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        was_training = model.training
+        model.eval()
+        seen = 0
+        try:
+            with attach_gates(model, gates):
+                for batch in batches:
+                    if self.max_batches is not None and seen >= self.max_batches:
+                        break
+                    loss = loss_fn(model, batch)
+                    grads = torch.autograd.grad(loss, [*gates.heads, *gates.neurons], allow_unused=True)
+                    n = len(gates.heads)
+                    for i, g in enumerate(grads[:n]):
+                        if g is not None:
+                            head_sum[i] += g.abs()
+                    for i, g in enumerate(grads[n:]):
+                        if g is not None:
+                            neuron_sum[i] += g.abs()
+                    seen += 1
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+            model.train(was_training)
+        if seen == 0:
+            raise RaysparseError("pruning.data: gradient importance received no batches")
+        scores = _to_original(model, [s / seen for s in head_sum], [s / seen for s in neuron_sum])
+        return exclude_removed(scores, mask)
+
+
+@register
+class MagnitudeImportance(Importance):
+    """L2 norm of the weights a unit owns (Q/K/V rows and output columns; W1 row and W2 column)."""
+
+    name = "magnitude"
+
+    def score(self, model, batches=None, loss_fn=None, mask=None) -> UnitScores:
+        enc = Encoder(model)
+        head_dim = enc.head_dim
+        head_rows, neuron_rows = [], []
+        with torch.no_grad():
+            for layer in enc.layers:
+                attention, out = enc.attention(layer), enc.attention_output(layer)
+                heads = out.in_features // head_dim
+                sq = torch.zeros(heads)
+                for proj in (attention.query, attention.key, attention.value):
+                    w = proj.weight.float().cpu().reshape(heads, head_dim, -1)
+                    sq += w.pow(2).sum(dim=(1, 2))
+                sq += out.weight.float().cpu().reshape(out.out_features, heads, head_dim).pow(2).sum(dim=(0, 2))
+                head_rows.append(sq.sqrt())
+                w1, w2 = enc.ffn_input(layer).weight.float().cpu(), enc.ffn_output(layer).weight.float().cpu()
+                neuron_rows.append((w1.pow(2).sum(1) + w2.pow(2).sum(0)).sqrt())
+        return exclude_removed(_to_original(model, head_rows, neuron_rows), mask)
+
+
+@register
+class RandomImportance(Importance):
+    """Uniform random scores: the floor any method must beat (compare several seeds)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def score(self, model, batches=None, loss_fn=None, mask=None) -> UnitScores:
+        num_layers, num_heads, ffn = structure_of(model).shape
+        generator = torch.Generator().manual_seed(self.seed)
+        scores = UnitScores(torch.rand(num_layers, num_heads, generator=generator),
+                            torch.rand(num_layers, ffn, generator=generator),
+                            torch.rand(num_layers, generator=generator))
+        structure_mask = structure_of(model).to_mask()
+        return exclude_removed(scores, structure_mask if mask is None else mask.intersect(structure_mask))

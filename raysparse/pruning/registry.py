@@ -1,0 +1,59 @@
+"""Pruning algorithms found by name. Adding one = one small class with @register."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from raysparse.errors import RaysparseError
+from raysparse.pruning.scores import UnitScores
+from raysparse.structure import Mask
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class Importance:
+    """Turns a model (and, for data-driven methods, batches and a loss) into unit scores.
+
+    ``mask`` is the current mask (original coordinates) for iterative schedules;
+    units it removed must score ``-inf`` so selection never brings them back.
+    Methods that learn during training (movement, L0) also implement the callback
+    methods of :class:`TrainingCallback` in ``raysparse.pruning.callbacks``.
+    """
+
+    name: ClassVar[str]
+    needs_data: ClassVar[bool] = False
+
+    def score(self, model: nn.Module, batches: Iterable | None = None, loss_fn: LossFn | None = None,
+              mask: Mask | None = None) -> UnitScores:
+        raise NotImplementedError
+
+
+ALGORITHMS: dict[str, type[Importance]] = {}
+
+
+def register(cls: type[Importance]) -> type[Importance]:
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def get_algorithm(name: str, **options) -> Importance:
+    if name not in ALGORITHMS:
+        raise RaysparseError(f"pruning.algorithm: unknown algorithm '{name}' (expected one of: {', '.join(sorted(ALGORITHMS))})")
+    try:
+        return ALGORITHMS[name](**options)
+    except TypeError as exc:
+        raise RaysparseError(f"pruning.options: {name} does not accept these options ({exc})") from None
+
+
+def exclude_removed(scores: UnitScores, mask: Mask | None) -> UnitScores:
+    """Give units the mask already removed a score of -inf."""
+    if mask is None:
+        return scores
+    heads = scores.heads.masked_fill(~mask.effective_heads(), float("-inf"))
+    neurons = scores.neurons.masked_fill(~mask.effective_neurons(), float("-inf"))
+    layers = None if scores.layers is None else scores.layers.masked_fill(~mask.kept_layers, float("-inf"))
+    return UnitScores(heads, neurons, layers)

@@ -1,0 +1,124 @@
+"""Save and load shrunk models: safetensors weights, the original config, a JSON sidecar.
+
+transformers configs cannot describe per-layer shapes, so the sidecar ``raysparse.json``
+records the Structure; loading rebuilds the full-size model from config.json, slices it
+to that structure and then loads the weights (strictly: every tensor must match).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from raysparse.errors import RaysparseError
+from raysparse.structure.adapters import Encoder
+from raysparse.structure.shrink import Structure, select_units, source_config, structure_of
+
+SIDECAR = "raysparse.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "raysparse-pruned/1"
+
+
+def _class_path(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _resolve_class(path: str):
+    module_name, _, qualname = path.partition(":")
+    if not (module_name.startswith("transformers") or module_name.startswith("raysparse")):
+        raise RaysparseError(f"checkpoint: model_class {path!r} is not a transformers or raysparse class")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        raise RaysparseError(f"checkpoint: model_class {path!r} cannot be imported") from None
+    return obj
+
+
+def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write ``model`` (shrunk or not) so that :func:`load_pruned` rebuilds it exactly."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = source_config(model)
+    config.save_pretrained(directory)
+    save_model(model, str(directory / WEIGHTS))
+    sidecar = {
+        "format": FORMAT,
+        "model_class": _class_path(model),
+        "structure": structure_of(model).to_dict(),
+        "live_config": {"pad_token_id": Encoder(model).config.pad_token_id},
+        "extra": extra or {},
+    }
+    (directory / SIDECAR).write_text(json.dumps(sidecar))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def is_pruned_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / SIDECAR).is_file()
+
+
+def read_sidecar(directory: str | Path) -> dict:
+    path = Path(directory) / SIDECAR
+    try:
+        sidecar = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RaysparseError(f"checkpoint: {path} is missing (expected a folder written by raysparse)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RaysparseError(f"checkpoint: {path} is not valid JSON (corrupt checkpoint?)") from None
+    if sidecar.get("format") != FORMAT:
+        raise RaysparseError(f"checkpoint: {path} has format {sidecar.get('format')!r}; expected {FORMAT!r}")
+    return sidecar
+
+
+def build_from_config(model_class, config) -> nn.Module:
+    """Instantiate a transformers (or raysparse) model class from a config, without weights."""
+    if hasattr(model_class, "from_config"):
+        return model_class.from_config(config)
+    return model_class(config)
+
+
+def restructure(model: nn.Module, structure: Structure) -> nn.Module:
+    """Slice a full-size model to ``structure`` (positions in a full model = original indices)."""
+    return select_units(model, structure.layers, structure.heads, structure.neurons, structure.vocab)
+
+
+def load_pruned(directory: str | Path, model_class=None) -> nn.Module:
+    """Load a model written by :func:`save_pruned`, non-uniform layers included."""
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise RaysparseError(f"checkpoint: {directory} does not exist (expected a folder written by raysparse)")
+    sidecar = read_sidecar(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise RaysparseError(f"checkpoint: {directory} has no {WEIGHTS} (expected weights beside {SIDECAR})")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    cls = model_class or _resolve_class(sidecar["model_class"])
+    model = build_from_config(cls, config)
+    structure = Structure.from_dict(sidecar["structure"])
+    if not structure.is_full:
+        restructure(model, structure)
+    Encoder(model).config.pad_token_id = sidecar.get("live_config", {}).get("pad_token_id", config.pad_token_id)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError) as exc:
+        raise RaysparseError(f"checkpoint: {weights} cannot be read ({exc}); the file is corrupt or truncated") from None
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RaysparseError(f"checkpoint: {weights} does not match its {SIDECAR} ({first})") from None
+    if missing or unexpected:
+        raise RaysparseError(f"checkpoint: {weights} does not match its {SIDECAR} "
+                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.eval()
+    return model
