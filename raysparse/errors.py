@@ -13,3 +13,9 @@ def expect(condition: bool, message: str) -> None:
     """Raise :class:`RaysparseError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise RaysparseError(message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for wrapping library errors in one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,12 +11,11 @@ import importlib
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from raysparse.errors import RaysparseError
+from raysparse.errors import RaysparseError, first_line
 from raysparse.structure.adapters import Encoder
 from raysparse.structure.shrink import Structure, select_units, source_config, structure_of
 
@@ -43,6 +42,15 @@ def _resolve_class(path: str):
     return obj
 
 
+def _init_kwargs(model: nn.Module) -> dict:
+    """Constructor arguments beyond the config that rebuild the same module tree."""
+    if hasattr(model, "init_kwargs"):
+        return model.init_kwargs()
+    if hasattr(model, "pooler") and model.pooler is None:
+        return {"add_pooling_layer": False}
+    return {}
+
+
 def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
     """Write ``model`` (shrunk or not) so that :func:`load_pruned` rebuilds it exactly."""
     directory = Path(directory)
@@ -53,6 +61,7 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None, extra: 
     sidecar = {
         "format": FORMAT,
         "model_class": _class_path(model),
+        "init": _init_kwargs(model),
         "structure": structure_of(model).to_dict(),
         "live_config": {"pad_token_id": Encoder(model).config.pad_token_id},
         "extra": extra or {},
@@ -80,11 +89,12 @@ def read_sidecar(directory: str | Path) -> dict:
     return sidecar
 
 
-def build_from_config(model_class, config) -> nn.Module:
+def build_from_config(model_class, config, init: dict | None = None) -> nn.Module:
     """Instantiate a transformers (or raysparse) model class from a config, without weights."""
+    init = init or {}
     if hasattr(model_class, "from_config"):
-        return model_class.from_config(config)
-    return model_class(config)
+        return model_class.from_config(config, **init)
+    return model_class(config, **init)
 
 
 def restructure(model: nn.Module, structure: Structure) -> nn.Module:
@@ -105,7 +115,7 @@ def load_pruned(directory: str | Path, model_class=None) -> nn.Module:
         raise RaysparseError(f"checkpoint: {directory} has no {WEIGHTS} (expected weights beside {SIDECAR})")
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     cls = model_class or _resolve_class(sidecar["model_class"])
-    model = build_from_config(cls, config)
+    model = build_from_config(cls, config, sidecar.get("init"))
     structure = Structure.from_dict(sidecar["structure"])
     if not structure.is_full:
         restructure(model, structure)

@@ -140,12 +140,14 @@ class Mask:
         return cls.from_dict(data)
 
     def __eq__(self, other: object) -> bool:
+        """Masks are equal when they keep the same units (rows of dropped layers do not matter)."""
         if not isinstance(other, Mask):
             return NotImplemented
         same_vocab = (self.kept_vocab is None and other.kept_vocab is None) or (
             self.kept_vocab is not None and other.kept_vocab is not None and torch.equal(self.kept_vocab, other.kept_vocab)
         )
-        return (torch.equal(self.kept_heads, other.kept_heads) and torch.equal(self.kept_neurons, other.kept_neurons)
+        return (torch.equal(self.effective_heads(), other.effective_heads())
+                and torch.equal(self.effective_neurons(), other.effective_neurons())
                 and torch.equal(self.kept_layers, other.kept_layers) and same_vocab)
 
     def summary(self) -> str:

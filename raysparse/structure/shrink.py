@@ -9,6 +9,7 @@ can be rebuilt from a full-size config when loaded.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -111,9 +112,11 @@ class EmptySelfAttention(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.query = nn.Linear(hidden_size, 0)
-        self.key = nn.Linear(hidden_size, 0)
-        self.value = nn.Linear(hidden_size, 0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self.query = nn.Linear(hidden_size, 0)
+            self.key = nn.Linear(hidden_size, 0)
+            self.value = nn.Linear(hidden_size, 0)
         self.num_attention_heads = 0
         self.all_head_size = 0
 

@@ -1,0 +1,179 @@
+"""The experiment spec: typed config objects, validated at the edge.
+
+A spec is YAML (or the same objects built in Python). Every field is checked before any
+cluster work starts; a bad field fails with one line naming its dotted path and what was
+expected, e.g. ``pruning.sparsity: expected a number in [0, 1), got 1.5``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raysparse.errors import RaysparseError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    source: str = "embedded"
+    trust_remote_code: bool = False
+
+
+class DataConfig(Strict):
+    task: str = "xnli"
+    dir: str | None = None                     # default: $RAYSPARSE_DATA
+    languages: list[str] | None = None         # evaluation languages; None = all present
+    regime: Literal["zero-shot", "translate-train", "in-language"] = "zero-shot"
+    train_fraction: float = Field(0.5, gt=0, lt=1)
+    max_train_examples: int | None = Field(512, ge=1)
+    max_eval_examples: int | None = Field(200, ge=1)
+    max_length: int = Field(128, ge=8, le=4096)
+    doc_stride: int = Field(64, ge=1)
+
+
+class FinetuneConfig(Strict):
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+
+
+class DistillationConfig(Strict):
+    enabled: bool = False
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)       # weight of the distillation loss
+    hidden: bool = False                        # also match hidden states (MSE)
+    hidden_weight: float = Field(1.0, ge=0)
+
+
+class PruningConfig(Strict):
+    algorithm: str = "gradient"
+    sparsity: float = 0.5
+    setting: Literal["shared", "per-language"] = "shared"
+    schedule: Literal["one-shot", "iterative", "gradual"] = "one-shot"
+    iterations: int = Field(3, ge=1)            # iterative: rounds of prune-rescore
+    scope: Literal["global", "per-layer"] = "global"
+    normalize: Literal["l2", "none"] = "l2"
+    round_to: int = Field(1, ge=1)
+    scoring_examples: int = Field(256, ge=1)
+    drop_layers: int = Field(0, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)   # algorithm-specific (e.g. L0 temperature)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_in_unit_interval(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"expected a number in [0, 1), got {value}")
+        return value
+
+
+class RecoveryConfig(Strict):
+    steps: int = Field(50, ge=0)
+    learning_rate: float = Field(3e-5, gt=0)
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+
+
+class EfficiencyConfig(Strict):
+    latency: bool = True
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
+    sequence_length: int = Field(128, ge=1)
+    repeats: int = Field(5, ge=1)
+    warmup: int = Field(2, ge=0)
+    threads: int | None = Field(None, ge=1)
+    trim_vocabulary: bool = False
+
+
+class ResourcesConfig(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    checkpoint_every: int = Field(50, ge=1)     # steps between checkpoints (plus every stage boundary)
+    max_failures: int = Field(2, ge=0)
+
+
+class TrackingConfig(Strict):
+    uri: str | None = None                      # None: start (or reuse) a local server on 127.0.0.1
+    experiment: str = "raysparse"
+
+
+class RunSpec(Strict):
+    """One experiment: fine-tune, score, select, recover, evaluate, shrink, measure."""
+
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: str | None = None                  # checkpoints and results; default ./runs
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> "RunSpec":
+        from raysparse.data.tasks import TASKS
+        from raysparse.pruning import ALGORITHMS
+
+        if self.data.task not in TASKS:
+            raise ValueError(f"data.task: unknown task '{self.data.task}' (expected one of: {', '.join(TASKS)})")
+        if self.pruning.algorithm not in ALGORITHMS:
+            raise ValueError(f"pruning.algorithm: unknown algorithm '{self.pruning.algorithm}' "
+                             f"(expected one of: {', '.join(sorted(ALGORITHMS))})")
+        return self
+
+
+def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the config object that holds the key at ``loc``."""
+    current: Any = model_cls
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_error(error: ValidationError, model_cls: type[BaseModel]) -> str:
+    first = error.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model_cls, first["loc"])
+        message = "unknown key" + (f" (expected one of: {', '.join(allowed)})" if allowed else "")
+    elif "input" in first and first["type"] not in ("value_error",) and not isinstance(first["input"], dict):
+        message = f"{message}, got {first['input']!r}"
+    if message.startswith(tuple(f"{name}." for name in model_cls.model_fields)) or not path:
+        return message
+    return f"{path}: {message}"
+
+
+def parse(model_cls: type[BaseModel], data: Any, where: str = ""):
+    """Validate ``data`` into ``model_cls``; a problem becomes one RaysparseError line."""
+    try:
+        return model_cls.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        raise RaysparseError(_format_error(exc, model_cls) + (f" (in {where})" if where else "")) from None
+
+
+def load_spec(path: str | Path, model_cls: type[BaseModel] = RunSpec):
+    path = Path(path)
+    if not path.is_file():
+        raise RaysparseError(f"spec: {path} does not exist (expected a YAML file)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RaysparseError(f"spec: {path}{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is not None and not isinstance(data, dict):
+        raise RaysparseError(f"spec: {path} must hold a mapping of fields, got {type(data).__name__}")
+    return parse(model_cls, data, str(path))

@@ -1,0 +1,82 @@
+"""Task heads on top of any encoder the structure layer provides (shrunk ones included).
+
+``TaskModel`` is an encoder plus one small head per task kind. It saves and loads
+through ``raysparse.structure.save_pruned`` / ``load_pruned`` like a bare encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysparse.errors import RaysparseError
+
+KINDS = ("pair_classification", "tagging", "qa", "retrieval")
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class TaskModel(nn.Module):
+    """Encoder + head. Outputs a dict with ``logits`` (or ``embeddings``) and ``loss`` when labels are given."""
+
+    def __init__(self, encoder: nn.Module, kind: str, num_labels: int = 0, dropout: float = 0.1):
+        super().__init__()
+        if kind not in KINDS:
+            raise RaysparseError(f"task.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        self.encoder = encoder
+        self.kind = kind
+        self.num_labels = num_labels
+        hidden = encoder.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        if kind == "pair_classification":
+            self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Dropout(dropout),
+                                      nn.Linear(hidden, num_labels))
+        elif kind == "tagging":
+            self.head = nn.Linear(hidden, num_labels)
+        elif kind == "qa":
+            self.head = nn.Linear(hidden, 2)
+        else:
+            self.head = nn.Identity()
+
+    @property
+    def config(self):
+        return self.encoder.config
+
+    def init_kwargs(self) -> dict:
+        return {"kind": self.kind, "num_labels": self.num_labels}
+
+    @classmethod
+    def from_config(cls, config, kind: str = "retrieval", num_labels: int = 0) -> "TaskModel":
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_config(config, add_pooling_layer=False), kind, num_labels)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, start_positions=None,
+                end_positions=None, **_) -> dict:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.kind == "retrieval":
+            return {"embeddings": F.normalize(mean_pool(hidden, attention_mask), dim=-1)}
+        if self.kind == "pair_classification":
+            logits = self.head(self.dropout(hidden[:, 0]))
+            loss = F.cross_entropy(logits, labels) if labels is not None else None
+            return {"logits": logits, "loss": loss}
+        if self.kind == "tagging":
+            logits = self.head(self.dropout(hidden))
+            loss = (F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+                    if labels is not None else None)
+            return {"logits": logits, "loss": loss}
+        start_logits, end_logits = self.head(self.dropout(hidden)).unbind(-1)
+        start_logits = start_logits.masked_fill(attention_mask == 0, torch.finfo(start_logits.dtype).min)
+        end_logits = end_logits.masked_fill(attention_mask == 0, torch.finfo(end_logits.dtype).min)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = (F.cross_entropy(start_logits, start_positions) + F.cross_entropy(end_logits, end_positions)) / 2
+        return {"start_logits": start_logits, "end_logits": end_logits, "logits": torch.stack([start_logits, end_logits], -1),
+                "loss": loss}

@@ -1,0 +1,88 @@
+"""Where an encoder comes from: the embedded default, a local folder, or the hub (opt-in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError
+from torch import nn
+
+from raysparse.errors import RaysparseError, first_line
+from raysparse.paths import hub_allowed
+from raysparse.structure import SUPPORTED_MODEL_TYPES, is_pruned_checkpoint, layout_for, load_pruned
+
+EMBEDDED = "embedded"
+EMBEDDED_NAMES = (EMBEDDED, "embedded:multilingual-e5-small", "multilingual-e5-small")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def resolve_model(source: str) -> str:
+    """A local folder path for ``source``, or the hub id itself when hub access is allowed."""
+    if not isinstance(source, str) or not source:
+        raise RaysparseError(f"model.source: expected 'embedded', a local folder or a hub id, got {source!r}")
+    if source in EMBEDDED_NAMES:
+        from raysparse.models.embedded import embedded_model_dir
+
+        return str(embedded_model_dir())
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RaysparseError(f"model.source: {path} is a file; expected a model folder (config.json + weights)")
+        if not (path / "config.json").is_file():
+            raise RaysparseError(f"model.source: {path} has no config.json (expected a transformers model folder)")
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise RaysparseError(f"model.source: {path} has no weights (expected one of {', '.join(WEIGHT_FILES)})")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise RaysparseError(f"model.source: {source} does not exist (expected a model folder)")
+    if not hub_allowed():
+        raise RaysparseError(
+            f"model.source: '{source}' is not a local folder and hub access is off "
+            "(set RAYSPARSE_ALLOW_HUB=1 and unset HF_HUB_OFFLINE to download it, or pass a local folder)"
+        )
+    return source
+
+
+def check_architecture(location: str) -> str:
+    """Fail early, with one line, on an architecture raysparse has no adapter for."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location, local_files_only=not hub_allowed())
+    except (OSError, ValueError) as exc:
+        raise RaysparseError(f"model.source: cannot read the config of {location} ({first_line(exc)})") from None
+    layout_for(config.model_type)
+    return config.model_type
+
+
+def load_encoder(source: str = EMBEDDED, model_class=None) -> nn.Module:
+    """Load an encoder (or a task model class around it) from any supported source.
+
+    Folders written by raysparse (shrunk models) are rebuilt with their per-layer shapes.
+    """
+    location = resolve_model(source)
+    if Path(location).is_dir() and is_pruned_checkpoint(location):
+        return load_pruned(location, model_class=model_class)
+    check_architecture(location)
+    from transformers import AutoModel
+
+    cls = model_class or AutoModel
+    kwargs = {"add_pooling_layer": False} if cls is AutoModel else {}
+    try:
+        model = cls.from_pretrained(location, local_files_only=not hub_allowed(), **kwargs)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise RaysparseError(f"model.source: cannot load weights from {location} ({first_line(exc)})") from None
+    return model.eval()
+
+
+def load_tokenizer(source: str = EMBEDDED):
+    from transformers import AutoTokenizer
+
+    location = resolve_model(source)
+    try:
+        return AutoTokenizer.from_pretrained(location, local_files_only=not hub_allowed())
+    except (OSError, ValueError) as exc:
+        raise RaysparseError(f"model.source: cannot load a tokenizer from {location} ({first_line(exc)})") from None
+
+
+__all__ = ["EMBEDDED", "SUPPORTED_MODEL_TYPES", "check_architecture", "load_encoder", "load_tokenizer", "resolve_model"]

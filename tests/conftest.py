@@ -1,0 +1,42 @@
+"""Shared fixtures: the real embedded model and the real XTREME data."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "xtreme"
+os.environ.setdefault("RAYSPARSE_DATA", str(DEFAULT_DATA))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ["RAYSPARSE_DATA"])
+    if not path.is_dir():
+        pytest.fail(f"XTREME data not found at {path}; set RAYSPARSE_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from raysparse.models.embedded import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_dir):
+    import raysparse
+
+    return raysparse.load_tokenizer(str(embedded_dir))
+
+
+@pytest.fixture()
+def embedded_model(embedded_dir):
+    """A fresh copy per test (tests shrink it in place)."""
+    import raysparse
+
+    return raysparse.load_model(str(embedded_dir))

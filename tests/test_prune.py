@@ -1,0 +1,83 @@
+"""`raysparse prune` end to end on the embedded model and real XTREME data, and its bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import raysparse
+from raysparse.errors import RaysparseError
+from raysparse.data.parallel import tatoeba_pairs
+from raysparse.standalone import tatoeba_quality
+from raysparse.structure import Mask, apply_mask, measure, shrink
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "raysparse.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.timeout(900)
+def test_prune_cli_end_to_end(tmp_path, embedded_dir):
+    out = tmp_path / "pruned"
+    proc = run_cli("prune", "--sparsity", "0.5", "--languages", "de,ru,zh", "--scoring-pairs", "48",
+                   "--batch-size", "16", "--eval-pairs", "60", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "encoder sparsity" in proc.stdout and "0.500" in proc.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["pruned"]["encoder_sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert result["pruned"]["bytes"] < result["dense"]["bytes"]
+    assert result["quality"]["dense"]["tatoeba/avg/accuracy"] > 0.7
+
+    reloaded = raysparse.load_model(str(out))
+    assert measure(reloaded).total_params == result["pruned"]["total_params"]
+    tokenizer = raysparse.load_tokenizer(str(out))
+    again = tatoeba_quality(reloaded, tokenizer, tatoeba_pairs(["de", "ru", "zh"], max_pairs=60))
+    assert again["tatoeba/avg/accuracy"] == pytest.approx(result["quality"]["pruned"]["tatoeba/avg/accuracy"], abs=1e-9)
+    assert Mask.load(out / "mask.json").shape == (12, 12, 1536)
+
+
+def test_embedded_model_masked_equals_shrunk(embedded_model, embedded_tokenizer):
+    g = torch.Generator().manual_seed(0)
+    mask = Mask.for_model(embedded_model)
+    mask.kept_heads = torch.rand(12, 12, generator=g) > 0.5
+    mask.kept_neurons = torch.rand(12, 1536, generator=g) > 0.5
+    mask.kept_layers[5] = False
+    batch = embedded_tokenizer(["query: Der schnelle braune Fuchs.", "query: 東京は日本の首都です。"], padding=True,
+                               return_tensors="pt")
+    with torch.no_grad(), apply_mask(embedded_model, mask):
+        masked = embedded_model(**batch).last_hidden_state
+    shrink(embedded_model, mask)
+    with torch.no_grad():
+        shrunk = embedded_model(**batch).last_hidden_state
+    torch.testing.assert_close(shrunk, masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--sparsity", "1.2"], r"pruning.sparsity: expected a number in [0, 1), got 1.2"),
+    (["--algorithm", "obd"], "pruning.algorithm: unknown algorithm 'obd'"),
+    (["--languages", "xx"], "languages: xx not found for tatoeba"),
+    (["--model", "/nonexistent/model"], "model.source: /nonexistent/model does not exist"),
+])
+def test_bad_input_is_one_line(args, expected, embedded_dir):
+    proc = run_cli("prune", "--eval-pairs", "5", "--scoring-pairs", "4", *args, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert expected in lines[0]
+
+
+def test_model_folder_problems_are_named(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    empty = tmp_path / "noweights"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(RaysparseError, match="has no weights"):
+        raysparse.load_model(str(empty))
+    gpt = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)).save_pretrained(gpt)
+    with pytest.raises(RaysparseError, match="unknown architecture 'gpt2'"):
+        raysparse.load_model(str(gpt))
