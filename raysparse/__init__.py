@@ -24,3 +24,10 @@ def prune(*args, **kwargs):
     from raysparse.standalone import prune as _prune
 
     return _prune(*args, **kwargs)
+
+
+def run(spec, address: str | None = None, verbose: bool = True):
+    """One experiment on Ray Train, tracked in MLflow; see :func:`raysparse.runner.run`."""
+    from raysparse.runner import run as _run
+
+    return _run(spec, address=address, verbose=verbose)

@@ -36,6 +36,29 @@ def cmd_prune(args) -> None:
         print(f"\nsaved to {result.out_dir} (load with raysparse.load_model('{result.out_dir}'))")
 
 
+def cmd_evaluate(args) -> None:
+    from raysparse.data.tasks import get_task
+    from raysparse.models.sources import load_encoder, load_tokenizer
+    from raysparse.paths import data_dir
+    from raysparse.training.evaluate import check_head, evaluate
+
+    task = get_task(args.task)
+    data_dir(args.data_dir)  # a missing data folder fails before the model loads
+    model = load_encoder(args.model)
+    check_head(model, task)
+    result = evaluate(model, load_tokenizer(args.tokenizer or args.model), task, _languages(args.languages),
+                      data_dir=args.data_dir, max_examples=args.max_examples, batch_size=args.batch_size,
+                      seed=args.seed, train_fraction=args.train_fraction)
+    print()
+    print(result.table())
+
+
+def cmd_run(args) -> None:
+    from raysparse.runner import run
+
+    run(args.spec, address=args.address)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,10 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="XTREME data folder (default: $RAYSPARSE_DATA)")
     p.add_argument("--out", default=None, help="folder to save the shrunk model in")
+
+    p = sub.add_parser("evaluate", help="score a model on every language of a task; print the per-language table")
+    p.add_argument("model", help="'embedded', a model folder (TaskModel folders included), or a hub id (opt-in)")
+    p.add_argument("--task", required=True, help="xnli | pawsx | udpos | panx | xquad | mlqa | tydiqa | tatoeba | bucc")
+    p.add_argument("--languages", help="comma-separated languages (default: all present)")
+    p.add_argument("--max-examples", type=int, default=None, help="cap on held-out rows scored per language")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/eval split of dev files (as in training)")
+    p.add_argument("--train-fraction", type=float, default=0.5, help="train share of split dev files (as in training)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer source (default: MODEL)")
+    p.add_argument("--data-dir", default=None, help="XTREME data folder (default: $RAYSPARSE_DATA)")
+    p = sub.add_parser("run", help="one experiment (fine-tune, prune, recover, evaluate, shrink) on Ray Train")
+    p.add_argument("spec", help="YAML spec (see experiments/)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     return parser
 
 
-COMMANDS = {"fetch-model": cmd_fetch_model, "prune": cmd_prune}
+COMMANDS = {"run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

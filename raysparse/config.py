@@ -63,6 +63,7 @@ class PruningConfig(Strict):
     normalize: Literal["l2", "none"] = "l2"
     round_to: int = Field(1, ge=1)
     scoring_examples: int = Field(256, ge=1)
+    scoring_languages: list[str] | None = None  # default: the evaluation languages (each its own data)
     drop_layers: int = Field(0, ge=0)
     options: dict[str, Any] = Field(default_factory=dict)   # algorithm-specific (e.g. L0 temperature)
 
@@ -101,6 +102,7 @@ class ResourcesConfig(Strict):
 class TrackingConfig(Strict):
     uri: str | None = None                      # None: start (or reuse) a local server on 127.0.0.1
     experiment: str = "raysparse"
+    log_models: Literal["all", "one", "none"] = "one"   # shrunk models to log (per-language: one per language)
 
 
 class RunSpec(Strict):

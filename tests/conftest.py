@@ -40,3 +40,26 @@ def embedded_model(embedded_dir):
     import raysparse
 
     return raysparse.load_model(str(embedded_dir))
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """A real MLflow server (SQLite, served artifacts) on 127.0.0.1 for the whole session."""
+    from raysparse.tracking.server import start_server, stop_server
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = start_server(root)
+    yield uri
+    stop_server(root)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray (dashboard on, loopback) shared by the tests that need one."""
+    import ray
+
+    from raysparse.runner import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()

@@ -26,10 +26,42 @@ class Importance:
 
     name: ClassVar[str]
     needs_data: ClassVar[bool] = False
+    learns_during_training: ClassVar[bool] = False   # True: the training loop drives the callbacks below
 
     def score(self, model: nn.Module, batches: Iterable | None = None, loss_fn: LossFn | None = None,
               mask: Mask | None = None) -> UnitScores:
         raise NotImplementedError
+
+    # --- callbacks for methods that learn during fine-tuning (movement, L0) ---------------
+    # The loop calls: attach(model) once before training; per step, after the task loss,
+    # loss = task_loss + regularization(step, total_steps); backward; after_backward(model, step);
+    # optimizer step (extra_parameters() are optimised too); detach(model) at the end, then
+    # score(model, ...) and, for methods that decide the mask themselves, final_mask(model, sparsity).
+
+    def attach(self, model: nn.Module) -> None:
+        """Install gates/hooks on ``model`` before training."""
+
+    def extra_parameters(self) -> list[dict]:
+        """Optimizer parameter groups the method learns (e.g. log-alpha, Lagrange multipliers)."""
+        return []
+
+    def regularization(self, step: int, total_steps: int) -> torch.Tensor | None:
+        """Term added to the task loss at ``step`` (None = nothing)."""
+        return None
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        """Read gradients (e.g. accumulate movement) after ``loss.backward()``."""
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove what ``attach`` installed."""
+
+    def final_mask(self, model: nn.Module, sparsity: float) -> Mask | None:
+        """A mask the method decided itself (L0: deterministic gates); None = select from scores."""
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers worth logging during training (expected sparsity, lambdas, ...)."""
+        return {}
 
 
 ALGORITHMS: dict[str, type[Importance]] = {}

@@ -35,12 +35,16 @@ def pair_batches(tokenizer, sources: Sequence[str], targets: Sequence[str], batc
             for i in range(0, len(sources), batch_size)]
 
 
-def contrastive_loss(model: nn.Module, batch: tuple[dict, dict], temperature: float = 0.05) -> torch.Tensor:
-    """Symmetric InfoNCE: sentence i of the source side should retrieve sentence i of the target side."""
-    source, target = embed(model, batch[0]), embed(model, batch[1])
+def info_nce(source: torch.Tensor, target: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of ``source`` should retrieve row i of ``target`` and back."""
     logits = source @ target.T / temperature
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def contrastive_loss(model: nn.Module, batch: tuple[dict, dict], temperature: float = 0.05) -> torch.Tensor:
+    """InfoNCE over a batch of (source, target) translation pairs, a bare encoder's embeddings."""
+    return info_nce(embed(model, batch[0]), embed(model, batch[1]), temperature)
 
 
 @torch.no_grad()

@@ -1,0 +1,181 @@
+"""The driver of one run: validate everything, then hand the work to Ray Train.
+
+All checks a user can fail (spec fields, task, languages, data files, model source,
+tracking server) happen here, before Ray starts. The run's MLflow run and its Ray
+storage folder are both keyed by the spec, so running the same spec again after a
+killed driver continues from the last checkpoint into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raysparse.config import RunSpec, load_spec, parse
+from raysparse.errors import RaysparseError, first_line
+from raysparse.tracking.runs import flatten, open_run, spec_key
+
+FORWARDED_ENV = ("RAYSPARSE_DATA", "RAYSPARSE_CACHE", "HF_HUB_OFFLINE", "RAYSPARSE_ALLOW_HUB", "HF_HOME",
+                 "TOKENIZERS_PARALLELISM")
+
+
+@dataclass
+class RunResult:
+    name: str
+    metrics: dict[str, float]
+    run_id: str | None
+    tracking_uri: str | None
+    storage: str
+    languages: dict[str, list[str]] = field(default_factory=dict)
+
+    def table(self, task: str, metric: str) -> str:
+        langs = [*self.languages.get("evaluation", []), "avg", "worst"]
+        lines = [f"{'language':10} {metric:>10}"]
+        for lang in langs:
+            value = self.metrics.get(f"{task}/{lang}/{metric}")
+            if value is not None:
+                lines.append(f"{lang:10} {value:10.4f}")
+        return "\n".join(lines)
+
+
+def as_spec(spec: RunSpec | dict | str | Path) -> RunSpec:
+    if isinstance(spec, RunSpec):
+        return parse(RunSpec, spec.model_dump())
+    if isinstance(spec, dict):
+        return parse(RunSpec, spec)
+    return load_spec(spec)
+
+
+def resolve_languages(spec: RunSpec) -> dict[str, list[str]]:
+    """Evaluation, fine-tuning and scoring languages, checked against the data directory."""
+    from raysparse.data.load import languages as present_languages
+    from raysparse.data.tasks import get_task
+    from raysparse.paths import data_dir
+
+    data_dir(spec.data.dir)
+    task = get_task(spec.data.task)
+    present = present_languages(task, spec.data.dir)
+    if not present:
+        raise RaysparseError(f"data.task: no files for {task.name} in {data_dir(spec.data.dir)}")
+    evaluation = spec.data.languages or present
+    unknown = [lang for lang in evaluation if lang not in present]
+    if unknown:
+        raise RaysparseError(f"data.languages: {', '.join(unknown)} not available for {task.name} "
+                             f"(available: {', '.join(present)})")
+    if task.kind == "retrieval":
+        trainable = set(present_languages("xnli", spec.data.dir)) - {"en"}
+        candidates = [lang for lang in evaluation if lang in trainable]
+        finetune = candidates
+    else:
+        trainable = set(present)
+        candidates = evaluation
+        finetune = {"zero-shot": ["en"], "translate-train": sorted({"en", *evaluation}),
+                    "in-language": list(evaluation)}[spec.data.regime]
+    scoring = spec.pruning.scoring_languages or candidates
+    missing = [lang for lang in [*scoring, *finetune] if lang not in trainable]
+    if missing:
+        source = "XNLI translation pairs" if task.kind == "retrieval" else "training rows"
+        raise RaysparseError(f"pruning.scoring_languages: no {source} for {', '.join(sorted(set(missing)))} "
+                             f"(available: {', '.join(sorted(trainable))})")
+    if not scoring or not finetune:
+        raise RaysparseError(f"data.languages: none of {', '.join(evaluation)} has data to fine-tune or score "
+                             f"{task.name} on")
+    return {"evaluation": list(evaluation), "finetune": list(finetune), "scoring": list(scoring)}
+
+
+def preflight(spec: RunSpec) -> dict[str, list[str]]:
+    """Every check that needs no cluster: data, languages, model source and architecture."""
+    from raysparse.models.sources import check_architecture, resolve_model
+
+    languages = resolve_languages(spec)
+    location = resolve_model(spec.model.source)
+    if not Path(location, "raysparse.json").is_file():
+        check_architecture(location)
+    return languages
+
+
+def storage_path(spec: RunSpec) -> str:
+    root = spec.storage or os.environ.get("RAYSPARSE_STORAGE") or "runs"
+    return str(Path(root).expanduser().resolve())
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start a local Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"   # plain prints: progress lines once, library output untouched
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **kwargs)
+
+
+def trainer_for(spec: RunSpec, languages: dict, tracking_uri: str | None, run_id: str | None, storage: str,
+                run_name: str, callbacks: list | None = None):
+    """The TorchTrainer that executes ``spec`` (used by runs and by search trials)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raysparse.training.worker import train_loop_per_worker
+
+    resources = spec.resources
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(), "languages": languages, "tracking_uri": tracking_uri,
+                           "run_id": run_id, "threads": max(1, int(resources.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker={"CPU": resources.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=resources.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+    )
+
+
+def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: bool = True) -> RunResult:
+    """Execute one experiment on Ray Train and track it in MLflow. Resumes if it ran before."""
+    from raysparse.data.tasks import get_task
+    from raysparse.tracking.server import resolve_tracking_uri
+
+    spec = as_spec(spec)
+    languages = preflight(spec)
+    key = spec_key(spec.model_dump())
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri)
+    run_id, resumed = open_run(tracking_uri, spec.tracking.experiment, key, spec.name,
+                               params={**spec.model_dump(), "languages": languages},
+                               tags={"raysparse.kind": "run", "raysparse.task": spec.data.task,
+                                     "raysparse.algorithm": spec.pruning.algorithm,
+                                     "raysparse.setting": spec.pruning.setting})
+    storage = storage_path(spec)
+    if verbose:
+        print(f"run {spec.name}: {'resuming' if resumed else 'starting'}; MLflow {tracking_uri} run {run_id}; "
+              f"storage {storage}", flush=True)
+    ensure_ray(address)
+    trainer = trainer_for(spec, languages, tracking_uri, run_id, storage, f"{spec.name}-{key}")
+    from raysparse.tracking.runs import RunLogger
+
+    logger = RunLogger(tracking_uri, run_id)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        logger.finish("FAILED")
+        raise RaysparseError(f"run {spec.name} failed: {first_line(exc)} (rerun the same spec to resume)") from exc
+    logger.finish("FINISHED")
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    out = RunResult(spec.name, metrics, run_id, tracking_uri, storage, languages)
+    if verbose:
+        task = get_task(spec.data.task)
+        print(out.table(task.name, task.primary_metric))
+        print(f"encoder sparsity {metrics.get('encoder_sparsity', float('nan')):.3f}, "
+              f"parameters {metrics.get('params/total', 0) / 1e6:.2f}M, bytes {metrics.get('bytes', 0) / 1e6:.1f} MB")
+    return out
+
+
+__all__ = ["RunResult", "as_spec", "ensure_ray", "flatten", "preflight", "resolve_languages", "run", "trainer_for"]

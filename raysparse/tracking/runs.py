@@ -1,0 +1,156 @@
+"""MLflow runs: one per experiment (trial), found again by key so reruns never duplicate.
+
+Only the driver creates runs; workers get the run id and only rank 0 logs, through an
+explicit ``MlflowClient`` (no global mlflow state shared between Ray actors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from raysparse.errors import RaysparseError, first_line
+
+RUN_KEY_TAG = "raysparse.run_key"
+MAX_PARAM_LENGTH = 6000
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts become flat dotted keys (the form MLflow's compare view shows well)."""
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def spec_key(spec: Mapping[str, Any]) -> str:
+    """A stable key for a spec: reruns of the same spec find the same run."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    existing = mlflow_client.get_experiment_by_name(name)
+    if existing is not None:
+        if existing.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(existing.experiment_id)
+        return existing.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except Exception:  # created concurrently by another process
+        existing = mlflow_client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+def find_run(mlflow_client, exp_id: str, run_key: str):
+    runs = mlflow_client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                     max_results=2)
+    return runs[0] if runs else None
+
+
+def open_run(uri: str, experiment: str, run_key: str, name: str, params: Mapping[str, Any] | None = None,
+             tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> tuple[str, bool]:
+    """(run id, resumed): the run tagged ``run_key``, created with params and tags if new."""
+    try:
+        c = client(uri)
+        exp_id = experiment_id(c, experiment)
+        existing = find_run(c, exp_id, run_key)
+        if existing is not None:
+            if existing.info.status != "FINISHED":
+                c.update_run(existing.info.run_id, status="RUNNING")
+            return existing.info.run_id, True
+        all_tags = {RUN_KEY_TAG: run_key, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = c.create_run(exp_id, run_name=name, tags=all_tags)
+        log_params(uri, run.info.run_id, params or {})
+        return run.info.run_id, False
+    except RaysparseError:
+        raise
+    except Exception as exc:
+        raise RaysparseError(f"tracking: MLflow at {uri} refused the run ({first_line(exc)})") from None
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat = flatten(params)
+    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+             for k, v in flat.items() if v is not None]
+    items = [Param(p.key, p.value[:MAX_PARAM_LENGTH]) for p in items]
+    c = client(uri)
+    for start in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[start : start + 100])
+
+
+class RunLogger:
+    """Logs to one MLflow run; a no-op when ``run_id`` is None (ranks other than 0)."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+        self._client = client(uri) if uri and run_id else None
+
+    @property
+    def active(self) -> bool:
+        return self._client is not None
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for start in range(0, len(items), 500):
+            self._client.log_batch(self.run_id, metrics=items[start : start + 500])
+
+    def params(self, values: Mapping[str, Any]) -> None:
+        if self.active:
+            log_params(self.uri, self.run_id, values)
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        if self.active:
+            for key, value in values.items():
+                self._client.set_tag(self.run_id, key, str(value))
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        if self.active:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def json(self, data: Any, artifact_file: str) -> None:
+        if self.active:
+            self._client.log_dict(self.run_id, data, artifact_file)
+
+    def figure(self, figure, artifact_file: str) -> None:
+        if self.active:
+            self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self._client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,285 @@
+"""Evaluate a model on every language of a task: per-language metrics, avg and worst.
+
+Each language is scored on its held-out rows (``raysparse.data.evaluation_data``: the
+same rows in every regime, given seed and train fraction) with the task's metrics:
+accuracy (XNLI, PAWS-X), entity F1 (PAN-X), token accuracy and macro F1 (UD-POS), SQuAD
+F1/EM after post-processing (XQuAD, MLQA, TyDiQA), top-1 accuracy of mean-pooled
+sentence embeddings (Tatoeba, xx -> en) and mined-pair F1 (BUCC).
+
+Retrieval needs no head: a bare encoder works. Every other kind needs a ``TaskModel``
+with the task's head (see ``raysparse.training.batches.build_task_model``). With
+``masks`` (language -> Mask), each language is evaluated under its own mask: the
+per-language pruning setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+
+from raysparse.data.features import qa_predictions, tagging_predictions
+from raysparse.data.load import languages as available_languages
+from raysparse.data.load import load_bucc_corpus
+from raysparse.data.metrics import accuracy, aggregate, bucc_scores, retrieval_accuracy, squad_scores, tagging_scores
+from raysparse.data.regimes import LanguageData, evaluation_data
+from raysparse.data.tasks import Task, get_task
+from raysparse.errors import RaysparseError
+from raysparse.models.heads import TaskModel
+from raysparse.structure import Mask, apply_mask
+from raysparse.training.batches import default_max_length, feature_loader, model_device, num_labels_of, task_features, to_device
+from raysparse.training.retrieval import encode
+
+RETRIEVAL_PREFIX = "query: "  # what e5 models expect before each sentence
+
+
+@dataclass
+class EvaluationResult:
+    """Scores of one task, per language and flattened for MLflow/Tune.
+
+    ``per_language``: language -> metric -> value; ``metrics``: ``<task>/<lang>/<metric>``
+    plus ``<task>/avg/<metric>`` and ``<task>/worst/<metric>``; ``sources``: where each
+    language's rows came from (file, whole or which part of a seeded split);
+    ``examples``: rows scored per language (after ``max_examples``) and ``available``:
+    the held-out rows there were.
+    """
+
+    task: str
+    per_language: dict[str, dict[str, float]]
+    metrics: dict[str, float]
+    sources: dict[str, str]
+    examples: dict[str, int]
+    available: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+    masked: bool = False
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.per_language)
+
+    @property
+    def primary_metric(self) -> str:
+        return get_task(self.task).primary_metric
+
+    @property
+    def average(self) -> float:
+        """The task's primary metric averaged over languages."""
+        return self.metrics[f"{self.task}/avg/{self.primary_metric}"]
+
+    @property
+    def worst(self) -> float:
+        return self.metrics[f"{self.task}/worst/{self.primary_metric}"]
+
+    def table(self) -> str:
+        """Per-language text table: metrics, examples scored, data file and part; avg and worst last."""
+        names = list(dict.fromkeys(m for scores in self.per_language.values() for m in scores))
+        header = ["lang", *names, "examples", "data"]
+        rows = []
+        for language, scores in self.per_language.items():
+            scored, held = self.examples[language], self.available[language]
+            rows.append([language, *(f"{scores[m]:.3f}" if m in scores else "-" for m in names),
+                         str(scored) if scored == held else f"{scored} of {held}", _short_source(self.sources[language])])
+        for summary in ("avg", "worst"):
+            rows.append([summary, *(f"{self.metrics[f'{self.task}/{summary}/{m}']:.3f}" for m in names), "", ""])
+        widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
+                           for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                 for row in [header, *rows]]
+        title = f"{self.task}: {len(self.per_language)} language{'s' if len(self.per_language) != 1 else ''}"
+        if self.masked:
+            title += ", each under its own mask"
+        return "\n".join([title, *lines])
+
+
+def _short_source(source: str) -> str:
+    """``xnli/dev-de.tsv, eval part: 1245 of 2490 rows (...)`` -> ``xnli/dev-de.tsv eval part``."""
+    head = source.split(" (")[0]
+    label, _, part = head.partition(", ")
+    if part.startswith("all "):
+        return f"{label} whole"
+    return f"{label} {part.split(':')[0]}" if part else label
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    task: str | Task,
+    languages: Sequence[str] | str | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_examples: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    train_fraction: float = 0.5,
+    masks: Mapping[str, Mask] | None = None,
+    max_length: int | None = None,
+    stride: int = 128,
+    retrieval_prefix: str = RETRIEVAL_PREFIX,
+    verbose: bool = True,
+) -> EvaluationResult:
+    """Score ``model`` on the held-out rows of every language of ``task`` (default: all present).
+
+    ``max_examples`` caps the rows scored per language (the first ones, so runs compare).
+    ``seed`` and ``train_fraction`` must be those training used, so that no training row
+    is evaluated. ``masks`` maps every evaluated language to the Mask applied while that
+    language is scored. Retrieval prepends ``retrieval_prefix`` to every sentence.
+    """
+    task = get_task(task)
+    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+        raise RaysparseError(f"evaluate.max_examples: {max_examples!r} (expected a positive integer or None)")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise RaysparseError(f"evaluate.batch_size: {batch_size!r} (expected a positive integer)")
+    check_head(model, task)
+    if languages is None:
+        languages = available_languages(task, data_dir)
+    data = evaluation_data(task, languages, seed, train_fraction, data_dir)
+    if masks is not None:
+        missing = [language for language in data if language not in masks]
+        if missing:
+            raise RaysparseError(f"evaluate.masks: no mask for language(s) {', '.join(missing)} "
+                                 f"(masks given for: {', '.join(masks) or 'none'}; expected one per evaluated language)")
+    say = print if verbose else (lambda *args, **kwargs: None)
+    max_length = max_length or default_max_length(task)
+    per_language: dict[str, dict[str, float]] = {}
+    examples: dict[str, int] = {}
+    available: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for language, language_data in data.items():
+            started = time.time()
+            rows = language_data.rows
+            available[language] = len(rows)
+            if max_examples is not None and len(rows) > max_examples:
+                rows = rows.select(range(max_examples))
+            examples[language] = len(rows)
+            mask = masks[language] if masks is not None else None
+            with apply_mask(model, mask) if mask is not None else contextlib.nullcontext(), torch.inference_mode():
+                per_language[language] = _score(model, tokenizer, task, rows, language_data, data_dir=data_dir,
+                                                max_examples=max_examples, batch_size=batch_size,
+                                                max_length=max_length, stride=stride, prefix=retrieval_prefix)
+            seconds[language] = time.time() - started
+            shown = "  ".join(f"{name} {value:.3f}" for name, value in per_language[language].items())
+            say(f"  {task.name} {language}: {examples[language]} examples  {shown}  ({seconds[language]:.1f}s)", flush=True)
+    finally:
+        model.train(was_training)
+    return EvaluationResult(task.name, per_language, aggregate(per_language, task.name),
+                            {language: d.source for language, d in data.items()}, examples, available, seconds,
+                            masked=masks is not None)
+
+
+def check_head(model: nn.Module, task: str | Task) -> None:
+    """Raise one line unless ``model`` can be scored on ``task`` (retrieval: any encoder)."""
+    task = get_task(task)
+    if task.kind == "retrieval":
+        return
+    if not isinstance(model, TaskModel) or model.kind != task.kind or model.num_labels != num_labels_of(task):
+        has = (f"a {model.kind} head with {model.num_labels} labels" if isinstance(model, TaskModel)
+               else f"a bare {type(model).__name__} without a task head")
+        raise RaysparseError(
+            f"evaluate.model: task '{task.name}' needs a trained {task.kind} head"
+            f"{f' with {num_labels_of(task)} labels' if num_labels_of(task) else ''}, but the model has {has} "
+            "(expected a TaskModel fine-tuned on the task, e.g. a folder written by save_pruned after finetune)"
+        )
+
+
+# --- scoring one language ----------------------------------------------------------------------
+
+
+def _score(model, tokenizer, task: Task, rows: Dataset, data: LanguageData, *, data_dir, max_examples, batch_size,
+           max_length, stride, prefix) -> dict[str, float]:
+    if task.name == "bucc":
+        return _score_bucc(model, tokenizer, data, data_dir, max_examples, batch_size, max_length, prefix)
+    if task.kind == "retrieval":
+        encoder = model.encoder if isinstance(model, TaskModel) else model
+        source = encode(encoder, tokenizer, list(rows["source"]), batch_size, prefix, max_length)
+        target = encode(encoder, tokenizer, list(rows["target"]), batch_size, prefix, max_length)
+        return {"accuracy": retrieval_accuracy(source.numpy(), target.numpy())}
+    features = task_features(task, tokenizer, rows, train=False, max_length=max_length, stride=stride)
+    outputs = _forward(model, tokenizer, features, batch_size)
+    if task.kind == "pair_classification":
+        return {"accuracy": accuracy(list(rows["label"]), [int(o.argmax()) for o in outputs["logits"]])}
+    if task.kind == "tagging":
+        predicted = [o.argmax(-1) for o in outputs["logits"]]
+        gold, guessed = tagging_predictions(features["labels"], predicted, task.label_names)
+        return tagging_scores(task.name, gold, guessed)
+    start_logits = _stack_ragged(outputs["start_logits"])
+    end_logits = _stack_ragged(outputs["end_logits"])
+    predictions = qa_predictions(rows, features, start_logits, end_logits)
+    references = {qid: list(answers["text"]) for qid, answers in zip(rows["id"], rows["answers"])}
+    scores = squad_scores(predictions, references)
+    return {name: scores[name] for name in task.metric_names}
+
+
+def _forward(model: nn.Module, tokenizer, features: Dataset, batch_size: int) -> dict[str, list[np.ndarray]]:
+    """Each feature row's outputs, unpadded (tokens beyond its own length cut off)."""
+    loader = feature_loader(features, tokenizer, batch_size, shuffle=False)
+    device = model_device(model)
+    keys = ("logits",) if model.kind == "pair_classification" else (
+        ("logits",) if model.kind == "tagging" else ("start_logits", "end_logits"))
+    outputs: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+    for batch in loader:
+        lengths = batch["attention_mask"].sum(1).tolist()
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        result = model(**to_device(inputs, device))
+        for key in keys:
+            values = result[key].float().cpu().numpy()
+            for row, length in zip(values, lengths):
+                outputs[key].append(row if model.kind == "pair_classification" else row[: int(length)])
+    return outputs
+
+
+def _stack_ragged(rows: list[np.ndarray]) -> np.ndarray:
+    """[windows, longest] with -inf-like padding (QA post-processing never reads it)."""
+    width = max(len(row) for row in rows)
+    out = np.full((len(rows), width), np.finfo(np.float32).min, dtype=np.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def _score_bucc(model, tokenizer, data: LanguageData, data_dir, max_examples, batch_size, max_length,
+                prefix) -> dict[str, float]:
+    """Mine (source, English) pairs by cosine nearest neighbour; threshold = the best-F1 one.
+
+    As XTREME does on BUCC dev, the similarity threshold is chosen where F1 against the
+    gold pairs is highest (an oracle threshold); ``max_examples`` caps source sentences.
+    """
+    corpus = load_bucc_corpus(data.language, data.file_split, data_dir)
+    encoder = model.encoder if isinstance(model, TaskModel) else model
+    source_ids = list(corpus.source)[:max_examples] if max_examples else list(corpus.source)
+    target_ids = list(corpus.target)
+    source = encode(encoder, tokenizer, [corpus.source[i] for i in source_ids], batch_size, prefix, max_length)
+    target = encode(encoder, tokenizer, [corpus.target[i] for i in target_ids], batch_size, prefix, max_length)
+    kept = set(source_ids)
+    gold = [(s, t) for s, t in corpus.gold if s in kept]
+    best_score, best_target = torch.zeros(len(source_ids)), torch.zeros(len(source_ids), dtype=torch.long)
+    for start in range(0, len(source_ids), 1024):
+        similarity = source[start : start + 1024] @ target.T
+        best_score[start : start + 1024], best_target[start : start + 1024] = similarity.max(dim=1)
+    order = best_score.argsort(descending=True).tolist()
+    gold_set = set(gold)
+    best = {"f1": 0.0, "precision": 0.0, "recall": 0.0}
+    correct = 0
+    for mined, index in enumerate(order, start=1):
+        correct += (source_ids[index], target_ids[int(best_target[index])]) in gold_set
+        if correct and gold:
+            precision, recall = correct / mined, correct / len(gold)
+            f1 = 2 * precision * recall / (precision + recall)
+            if f1 > best["f1"]:
+                best = {"f1": f1, "precision": precision, "recall": recall}
+    if not gold:
+        predicted = [(source_ids[i], target_ids[int(best_target[i])]) for i in order]
+        return bucc_scores(predicted, gold)
+    return best
+
+
+__all__ = ["EvaluationResult", "RETRIEVAL_PREFIX", "check_head", "evaluate"]

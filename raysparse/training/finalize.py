@@ -1,0 +1,84 @@
+"""The last stage of a run (rank 0): shrink physically, measure, save, log artifacts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from raysparse.structure import measure, save_pruned, shrink
+
+
+def quality_plot(metrics: dict, task: str, metric: str):
+    """Bar chart of the final per-language quality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prefix = f"{task}/"
+    langs = sorted(k.split("/")[1] for k in metrics if k.startswith(prefix) and k.endswith(f"/{metric}")
+                   and k.split("/")[1] not in ("avg", "worst"))
+    figure, axis = plt.subplots(figsize=(max(4, 0.45 * len(langs) + 1), 3))
+    axis.bar(langs, [metrics[f"{task}/{lang}/{metric}"] for lang in langs], color="#4c72b0")
+    if f"{task}/avg/{metric}" in metrics:
+        axis.axhline(metrics[f"{task}/avg/{metric}"], color="#c44e52", linestyle="--", label="avg")
+        axis.legend()
+    axis.set_ylabel(metric)
+    axis.set_title(f"{task}: {metric} per language")
+    figure.tight_layout()
+    return figure
+
+
+def finalize(run) -> dict:
+    """Shrink a copy per mask, measure size and latency, save the model(s) and log everything."""
+    from raysparse.efficiency import measure_latency, median_speedups
+
+    spec, log = run.spec, run.log
+    length = spec.efficiency.sequence_length
+    metrics: dict[str, float] = {}
+    dense_size = measure(run.model.encoder, length)
+    shrunk = {key: shrink(copy.deepcopy(run.model).eval(), mask) for key, mask in run.state.masks.items()}
+    sizes = {key: measure(model.encoder, length) for key, model in shrunk.items()}
+    first = sorted(shrunk)[0]
+    size = sizes[first]
+    metrics.update({
+        "encoder_sparsity": sum(s.encoder_sparsity for s in sizes.values()) / len(sizes),
+        "params/total": size.total_params, "params/encoder": size.encoder_params,
+        "params/embedding": size.embedding_params, "bytes": size.bytes, "flops": size.flops_per_sequence,
+        "dense/params/total": dense_size.total_params, "dense/bytes": dense_size.bytes,
+        "dense/flops": dense_size.flops_per_sequence,
+    })
+    if spec.efficiency.latency:
+        results = measure_latency({"dense": run.model.encoder.eval(), "pruned": shrunk[first].encoder},
+                                  batch_sizes=tuple(spec.efficiency.batch_sizes), sequence_length=length,
+                                  warmup=spec.efficiency.warmup, repeats=spec.efficiency.repeats,
+                                  threads=spec.efficiency.threads)
+        for result in results:
+            metrics[f"latency/{result.name}/b{result.batch_size}_ms"] = result.median_ms
+        for (name, batch), speedup in median_speedups(results, "dense").items():
+            if name == "pruned":
+                metrics[f"speedup/b{batch}"] = speedup
+    log.metrics(metrics)
+    with tempfile.TemporaryDirectory(prefix="raysparse-final-") as folder:
+        folder = Path(folder)
+        (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+        (folder / "sources.json").write_text(json.dumps(run.state.sources, indent=1))
+        (folder / "sizes.json").write_text(json.dumps({"dense": dense_size.as_dict(),
+                                                       **{k: s.as_dict() for k, s in sizes.items()}}, indent=1))
+        for key, mask in run.state.masks.items():
+            mask.save(folder / f"mask-{key}.json")
+        for key, scores in run.state.scores.items():
+            scores.save(folder / f"scores-{key}.safetensors")
+        log.artifact(folder, "results")
+        quality = {**run.state.metrics, **metrics}
+        log.figure(quality_plot(quality, run.task.name, run.task.primary_metric), "results/per_language.png")
+        keep = {"all": sorted(shrunk), "one": [first], "none": []}[spec.tracking.log_models]
+        for key in keep:
+            model_dir = save_pruned(shrunk[key], folder / "model" / key, tokenizer=run.tokenizer,
+                                    extra={"mask": key, "task": run.task.name, "run": spec.name})
+            log.artifact(model_dir, f"model/{key}")
+    return metrics
