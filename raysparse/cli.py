@@ -54,9 +54,55 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_run(args) -> None:
+    if args.compare:
+        from raysparse.dynamic import compare_with_separate_runs
+
+        comparison = compare_with_separate_runs(args.spec, address=args.address)
+        if args.plot:
+            comparison.plot(args.plot)
+            print(f"wrote {args.plot}")
+        return
     from raysparse.runner import run
 
     run(args.spec, address=args.address)
+
+
+def cmd_shrink(args) -> None:
+    from raysparse.dynamic import shrink_checkpoint
+
+    print(shrink_checkpoint(args.model, args.sparsity, args.out, match_sparsity=args.match_sparsity).table())
+
+
+def _integers(value: str, field: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise RaysparseError(f"{field}: expected comma-separated integers, got {value!r}") from None
+
+
+def cmd_bench(args) -> None:
+    from raysparse.efficiency.report import bench, check_settings, default_devices, model_labels
+    from raysparse.models.sources import load_encoder
+
+    batch_sizes = _integers(args.batch_sizes, "bench.batch_sizes")
+    devices = default_devices() if args.devices == "auto" else [d.strip() for d in args.devices.split(",") if d.strip()]
+    check_settings(batch_sizes, args.seq_len, args.repeats, args.warmup, args.threads, devices)  # before loading
+    models = {label: load_encoder(source) for label, source in zip(model_labels(args.models), args.models)}
+    report = bench(models, batch_sizes, args.seq_len, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                   devices=devices, memory=not args.no_memory)
+    print(report.table())
+    if args.csv:
+        print(f"\nwrote {report.to_csv(args.csv)}")
+    if args.plot:
+        print(f"wrote {report.plot(args.plot)}")
+    if report.log_to_mlflow():
+        print("logged to the active MLflow run")
+
+
+def cmd_search(args) -> None:
+    from raysparse.search import search
+
+    search(args.spec, resume=args.resume, address=args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,10 +144,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="one experiment (fine-tune, prune, recover, evaluate, shrink) on Ray Train")
     p.add_argument("spec", help="YAML spec (see experiments/)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--compare", action="store_true",
+                   help="Dynamic Sparsification: also prune every level of dynamic.grid as a separate run; print both")
+    p.add_argument("--plot", default=None, help="with --compare: write both curves to this PNG")
+
+    p = sub.add_parser("shrink", help="slice one size out of a Dynamic Sparsification checkpoint (any sparsity)")
+    p.add_argument("model", metavar="MODEL_DIR", help="a DS checkpoint folder (pruning.schedule: dynamic writes one)")
+    p.add_argument("--sparsity", type=float, required=True, help="encoder sparsity in [0, 1): keep the top units")
+    p.add_argument("--out", required=True, help="folder for the shrunk model (loads with raysparse.load_model)")
+    p.add_argument("--match-sparsity", action="store_true", default=None,
+                   help="neurons absorb the rounding of the head count (default: as the checkpoint records)")
+
+    p = sub.add_parser("bench", help="latency, size and memory of models side by side (the first is the baseline)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="'embedded' or model folders (shrunk ones included)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length of the timed batches")
+    p.add_argument("--repeats", type=int, default=20, help="timed forward passes per model and batch size")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forward passes first")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, fixed for the run (default: torch's)")
+    p.add_argument("--devices", default="auto", help="cpu, cuda or both comma-separated (auto: cpu + cuda if present)")
+    p.add_argument("--no-memory", action="store_true", help="skip resident memory (a fresh process per model)")
+    p.add_argument("--csv", default=None, help="write one row per model, batch size and device")
+    p.add_argument("--plot", default=None, help="write a PNG: latency per batch size, size against speedup")
+    p = sub.add_parser("search", help="Ray Tune + Optuna search over run specs; prints the Pareto front")
+    p.add_argument("spec", help="YAML search spec (see experiments/searches/)")
+    p.add_argument("--resume", action="store_true", help="continue a search whose driver died")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate}
+COMMANDS = {"search": cmd_search, "run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench,
+            "shrink": cmd_shrink}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,8 +96,9 @@ def preflight(spec: RunSpec) -> dict[str, list[str]]:
     return languages
 
 
-def storage_path(spec: RunSpec) -> str:
-    root = spec.storage or os.environ.get("RAYSPARSE_STORAGE") or "runs"
+def storage_path(root: str | None) -> str:
+    """Where checkpoints and Tune experiments live: ``root``, else RAYSPARSE_STORAGE, else ./runs."""
+    root = root or os.environ.get("RAYSPARSE_STORAGE") or "runs"
     return str(Path(root).expanduser().resolve())
 
 
@@ -124,7 +125,10 @@ def trainer_for(spec: RunSpec, languages: dict, tracking_uri: str | None, run_id
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raysparse.training.worker import train_loop_per_worker
+    if spec.pruning.schedule == "dynamic":
+        from raysparse.training.dynamic import train_loop_per_worker
+    else:
+        from raysparse.training.worker import train_loop_per_worker
 
     resources = spec.resources
     return TorchTrainer(
@@ -153,7 +157,7 @@ def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: 
                                tags={"raysparse.kind": "run", "raysparse.task": spec.data.task,
                                      "raysparse.algorithm": spec.pruning.algorithm,
                                      "raysparse.setting": spec.pruning.setting})
-    storage = storage_path(spec)
+    storage = storage_path(spec.storage)
     if verbose:
         print(f"run {spec.name}: {'resuming' if resumed else 'starting'}; MLflow {tracking_uri} run {run_id}; "
               f"storage {storage}", flush=True)
@@ -172,6 +176,11 @@ def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: 
     out = RunResult(spec.name, metrics, run_id, tracking_uri, storage, languages)
     if verbose:
         task = get_task(spec.data.task)
+        if spec.pruning.schedule == "dynamic":
+            from raysparse.training.dynamic import curve_table, nearest_level
+
+            print(curve_table(metrics, spec.dynamic.grid, task.name, task.primary_metric, languages["evaluation"]))
+            print(f"headline level {nearest_level(spec.dynamic.grid, spec.pruning.sparsity):g} (nearest pruning.sparsity):")
         print(out.table(task.name, task.primary_metric))
         print(f"encoder sparsity {metrics.get('encoder_sparsity', float('nan')):.3f}, "
               f"parameters {metrics.get('params/total', 0) / 1e6:.2f}M, bytes {metrics.get('bytes', 0) / 1e6:.1f} MB")

@@ -107,6 +107,7 @@ class Run:
         folder = Path(tempfile.mkdtemp(prefix="raysparse-restore-"))
         checkpoint.to_directory(str(folder))
         self.state = RunState.load(folder)
+        self._before_weights_load()
         load_weights(self.model, folder / "model.safetensors")
         if (folder / "teacher.safetensors").is_file():
             self.teacher = copy.deepcopy(self.model)
@@ -118,6 +119,9 @@ class Run:
         if self.is_chief:
             print(f"[resume] continuing at stage {self.state.stage}, step {self.state.step}", flush=True)
             self.log.metrics({"resumes": self.state.metrics["resumes"]})
+
+    def _before_weights_load(self) -> None:
+        """Hook for subclasses: reshape the model to what the checkpoint holds (e.g. rewired) before loading it."""
 
     def report(self, metrics: dict | None = None, optimizer=None, scheduler=None, checkpoint: bool = True) -> None:
         """Report to Ray Train (all ranks); rank 0 attaches a checkpoint of the full state."""

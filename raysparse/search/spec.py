@@ -1,0 +1,96 @@
+"""The search spec: a base run spec, a space over its fields, objectives, budget."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from raysparse.config import RunSpec, Strict, TrackingConfig, parse
+from raysparse.errors import RaysparseError
+from raysparse.search.space import Param, check_space
+
+
+class Objective(Strict):
+    metric: str
+    mode: Literal["max", "min"] = "max"
+
+
+class SchedulerConfig(Strict):
+    type: Literal["none", "asha"] = "none"
+    grace_period: int = Field(1, ge=1)         # in stages (finetune=0 ... finalize=4)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SearchSpec(Strict):
+    name: str = "search"
+    seed: int = 0
+    base: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Param] = Field(default_factory=dict)
+    objectives: list[Objective] = Field(default_factory=list)
+    num_samples: int = Field(4, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    trials: list[dict[str, Any]] = Field(default_factory=list)   # fixed trials evaluated first
+    storage: str | None = None
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchSpec":
+        if self.scheduler.type == "asha" and len(self.objectives) > 1:
+            raise ValueError(f"scheduler.type: asha takes one objective; got {len(self.objectives)} "
+                             "(use type: none for multi-objective search)")
+        return self
+
+    def base_spec(self) -> RunSpec:
+        try:
+            return parse(RunSpec, self.base)
+        except RaysparseError as exc:
+            raise RaysparseError(f"base.{exc}") from None
+
+    def resolved_objectives(self) -> list[Objective]:
+        if self.objectives:
+            return self.objectives
+        from raysparse.data.tasks import get_task
+
+        task = get_task(self.base_spec().data.task)
+        return [Objective(metric=f"{task.name}/avg/{task.primary_metric}", mode="max")]
+
+
+def reported_metric_patterns(base: RunSpec, space: dict[str, Param]) -> list[str]:
+    """Regexes of the metric names trials report (quality per task, size, latency)."""
+    from raysparse.data.tasks import get_task
+
+    tasks = {base.data.task, *(space["data.task"].choice if "data.task" in space else [])}
+    patterns = []
+    for name in tasks:
+        task = get_task(name)
+        patterns.append(rf"{task.name}/[^/]+/({'|'.join(task.metric_names)})")
+    patterns += [r"encoder_sparsity", r"params/(total|encoder|embedding)", r"bytes", r"flops",
+                 r"dense/(params/total|bytes|flops)"]
+    if base.efficiency.latency:
+        sizes = "|".join(str(b) for b in base.efficiency.batch_sizes)
+        patterns += [rf"latency/(dense|pruned)/b({sizes})_ms", rf"speedup/b({sizes})"]
+    return patterns
+
+
+def check_search(spec: SearchSpec) -> RunSpec:
+    """Everything that can be checked before any trial: base, space, objectives."""
+    base = spec.base_spec()
+    check_space(spec.space, base.model_dump())
+    patterns = reported_metric_patterns(base, spec.space)
+    for index, objective in enumerate(spec.resolved_objectives()):
+        if not any(re.fullmatch(p, objective.metric) for p in patterns):
+            raise RaysparseError(f"objectives[{index}].metric: '{objective.metric}' is not reported by any trial "
+                                 f"(expected e.g. {base.data.task}/avg/<metric>, {base.data.task}/worst/<metric>, "
+                                 "encoder_sparsity, bytes, latency/pruned/b<batch>_ms)")
+    names = [o.metric for o in spec.resolved_objectives()]
+    if len(set(names)) != len(names):
+        raise RaysparseError(f"objectives: {names} names a metric twice")
+    for index, fixed in enumerate(spec.trials):
+        unknown = [path for path in fixed if path not in spec.space]
+        if unknown:
+            raise RaysparseError(f"trials[{index}]: {unknown} are not parameters of the space")
+    return base

@@ -1,0 +1,56 @@
+"""One search trial: a run (from the runs layer) inside a Ray Tune function trainable.
+
+The trainable builds the trial's RunSpec from the base and the sampled values, opens a
+child MLflow run under the search's parent run, and fits a TorchTrainer whose reports
+reach Tune through ``TuneReportCallback`` (the Ray Train V2 pattern). Its MLflow run and
+its Ray Train storage are keyed by search and trial id, so a trial resumed after a
+restored search continues its own checkpoint and its own MLflow run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raysparse.config import RunSpec
+from raysparse.errors import first_line
+
+
+def trial_run_name(spec: RunSpec, trial_id: str) -> str:
+    """What the trial is, readable in the MLflow UI: algorithm, setting, schedule, sparsity."""
+    p = spec.pruning
+    return f"{p.algorithm}-{p.setting}-{p.schedule}-s{p.sparsity:.2f}-{trial_id}"
+
+
+def run_trial(config: dict[str, Any], base: dict, search: dict) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raysparse.runner import preflight, trainer_for
+    from raysparse.search.space import trial_spec
+    from raysparse.tracking.runs import RunLogger, open_run, spec_key
+
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    params = {k: v for k, v in config.items() if not k.startswith("__")}
+    spec = trial_spec(base, params)
+    languages = preflight(spec)
+    name = trial_run_name(spec, trial_id)
+    key = spec_key({"search": search["name"], "search_key": search["key"], "trial": trial_id})
+    uri = search["tracking_uri"]
+    run_id, _ = open_run(uri, search["experiment"], key, name,
+                         params={**spec.model_dump(), "languages": languages},
+                         tags={"raysparse.kind": "trial", "raysparse.search": search["name"],
+                               "raysparse.search_run_id": search["parent_run_id"], "raysparse.trial_id": trial_id,
+                               "raysparse.algorithm": spec.pruning.algorithm,
+                               "raysparse.setting": spec.pruning.setting,
+                               "raysparse.sampled": ", ".join(f"{k}={v}" for k, v in params.items())},
+                         parent_run_id=search["parent_run_id"])
+    trainer = trainer_for(spec, languages, uri, run_id, search["storage"], f"{search['name']}-{trial_id}",
+                          callbacks=[TuneReportCallback()])
+    logger = RunLogger(uri, run_id)
+    try:
+        trainer.fit()
+    except Exception as exc:
+        logger.finish("FAILED")
+        raise RuntimeError(f"trial {name} failed: {first_line(exc)}") from exc
+    logger.finish("FINISHED")
