@@ -105,6 +105,18 @@ def cmd_search(args) -> None:
     search(args.spec, resume=args.resume, address=args.address)
 
 
+def cmd_report(args) -> None:
+    from raysparse.search.report import load_search, write_report
+
+    report = load_search(args.search, args.tracking_uri)
+    written = write_report(report, args.out or f"reports/{args.search}")
+    print(f"search {report.name}: {len(report.rows)} finished trials\n")
+    print(written["trials"].read_text())
+    print(f"Pareto front:\n{written['pareto'].read_text()}")
+    print(f"per language:\n{written['languages'].read_text()}")
+    print("written: " + ", ".join(str(p) for p in written.values()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,10 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="YAML search spec (see experiments/searches/)")
     p.add_argument("--resume", action="store_true", help="continue a search whose driver died")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p = sub.add_parser("report", help="tables and plots of a finished search, read from MLflow")
+    p.add_argument("search", help="the search's name")
+    p.add_argument("--out", default=None, help="folder for tables and plots (default reports/<search>)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI or the local one)")
     return parser
 
 
-COMMANDS = {"search": cmd_search, "run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench,
+COMMANDS = {"report": cmd_report, "search": cmd_search, "run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench,
             "shrink": cmd_shrink}
 
 

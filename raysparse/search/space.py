@@ -10,6 +10,7 @@ sampled for L0 trials.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ class Param(Strict):
     choice: list[Any] | None = None
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
-    int: tuple[int, int] | None = None
+    int: tuple[builtins.int, builtins.int] | None = None   # noqa: A003 (the YAML key users write)
     when: dict[str, Any] | None = None
 
     @model_validator(mode="after")
