@@ -102,7 +102,10 @@ class L0Importance(Importance):
       droprate_init    initial P(drop) that sets the mean of log_alpha (CoFi: 0.5)
       init_noise       std of the log_alpha initialisation
       ramp_fraction    share of training over which the target ramps linearly from 0
-      lr, lambda_lr    learning rates of the log-alphas and of the multipliers
+      lr               learning rate of the log-alphas
+      lambda_lr        learning rate of lambda1 (the integral-like multiplier)
+      lambda2_lr       learning rate of lambda2 (the quadratic term's multiplier); keeping it well above
+                       lambda_lr damps the overshoot (with Adam each multiplier moves about its lr per step)
       fold_gates       detach() multiplies each unit's output weights by its deterministic gate,
                        so the un-gated model computes what the gated eval model computed
       seed             seeds the gate initialisation and sampling
@@ -112,20 +115,22 @@ class L0Importance(Importance):
     learns_during_training = True
 
     def __init__(self, target_sparsity: float | None = None, beta: float = 2 / 3, l: float = -0.1, r: float = 1.1,
-                 droprate_init: float = 0.5, init_noise: float = 0.01, ramp_fraction: float = 0.5,
-                 lr: float = 0.1, lambda_lr: float = 0.1, fold_gates: bool = True, seed: int = 0):
+                 droprate_init: float = 0.5, init_noise: float = 0.01, ramp_fraction: float = 0.3,
+                 lr: float = 0.1, lambda_lr: float = 0.03, lambda2_lr: float = 1.0, fold_gates: bool = True,
+                 seed: int = 0):
         if target_sparsity is not None:
             check_sparsity(target_sparsity, "pruning.options.target_sparsity")
         expect(beta > 0, f"pruning.options.beta: expected a positive temperature, got {beta!r}")
         expect(l < 0 < 1 < r, f"pruning.options.l/r: expected l < 0 and r > 1, got l={l!r}, r={r!r}")
         expect(0 < droprate_init < 1, f"pruning.options.droprate_init: expected a number in (0, 1), got {droprate_init!r}")
         expect(0 <= ramp_fraction <= 1, f"pruning.options.ramp_fraction: expected a number in [0, 1], got {ramp_fraction!r}")
-        expect(lr > 0 and lambda_lr > 0, f"pruning.options.lr/lambda_lr: expected positive learning rates, got {lr!r}, {lambda_lr!r}")
+        expect(lr > 0 and lambda_lr > 0 and lambda2_lr > 0, "pruning.options.lr/lambda_lr/lambda2_lr: expected positive "
+               f"learning rates, got {lr!r}, {lambda_lr!r}, {lambda2_lr!r}")
         self.target_sparsity = target_sparsity
         self.beta, self.l, self.r = float(beta), float(l), float(r)
         self.droprate_init, self.init_noise = float(droprate_init), float(init_noise)
         self.ramp_fraction = float(ramp_fraction)
-        self.lr, self.lambda_lr = float(lr), float(lambda_lr)
+        self.lr, self.lambda_lr, self.lambda2_lr = float(lr), float(lambda_lr), float(lambda2_lr)
         self.fold_gates = fold_gates
         self.seed = seed
         self.head_log_alpha: nn.ParameterList | None = None
@@ -215,7 +220,8 @@ class L0Importance(Importance):
     def extra_parameters(self) -> list[dict]:
         self._check_attached()
         return [{"params": self._all_log_alphas(), "lr": self.lr, "weight_decay": 0.0},
-                {"params": [self.lambda1, self.lambda2], "lr": self.lambda_lr, "weight_decay": 0.0}]
+                {"params": [self.lambda1], "lr": self.lambda_lr, "weight_decay": 0.0},
+                {"params": [self.lambda2], "lr": self.lambda2_lr, "weight_decay": 0.0}]
 
     def regularization(self, step: int, total_steps: int) -> torch.Tensor:
         target = self.target_at(step, total_steps)

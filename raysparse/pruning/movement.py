@@ -108,7 +108,8 @@ class MovementImportance(Importance):
 
     # --- callbacks -----------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        self._reset(model)
+        if self.heads is None:   # keep sums restored from a checkpoint
+            self._reset(model)
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         if self.heads is None:

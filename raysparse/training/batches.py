@@ -13,6 +13,7 @@ calls ``task_loader(task, tokenizer, rows, rank=r, world_size=n)`` (or passes it
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,12 +50,29 @@ def task_features(
     with ``train=False``, evaluation features (QA: windows with ``example_id``/``offset_mapping``)."""
     task = get_task(task)
     if not task.trainable:
-        raise RaysparseError(f"data.task: '{task.name}' is a retrieval task (it is scored from embeddings, without batches of labels)")
+        raise RaysparseError(
+            f"data.task: '{task.name}' is a retrieval task (scored from embeddings; it has no labelled batches)"
+        )
     max_length = max_length or default_max_length(task)
     if task.kind == "qa" and stride >= max_length:
         raise RaysparseError(f"data.stride: {stride} (expected fewer tokens than max_length={max_length})")
     build = train_features if train else eval_features
-    return build(task, rows, tokenizer, max_length, stride)
+    with quiet_datasets():
+        return build(task, rows, tokenizer, max_length, stride)
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """No ``Map: ...`` progress bars from ``datasets`` inside the block (restored after)."""
+    from datasets.utils import logging as datasets_logging
+
+    enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets_logging.enable_progress_bar()
 
 
 @dataclass(frozen=True)
@@ -79,7 +97,8 @@ class PaddingCollator:
             if isinstance(values[0], (list, tuple)):
                 pad = {"input_ids": self.pad_token_id, "attention_mask": 0}.get(column, IGNORE_INDEX)
                 width = max(len(v) for v in values)
-                batch[column] = torch.tensor([list(v) + [pad] * (width - len(v)) for v in values], dtype=torch.long)
+                rows_padded = [list(v) + [pad] * (width - len(v)) for v in values]
+                batch[column] = torch.tensor(rows_padded, dtype=torch.long)
             else:
                 batch[column] = torch.tensor(values, dtype=torch.long)
         return batch
@@ -118,7 +137,9 @@ def feature_loader(
     dataset = features.select_columns(columns) if len(columns) < len(features.column_names) else features
     if rank is not None:
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise RaysparseError(f"batches: rank {rank!r} of world_size {world_size!r} (expected 0 <= rank < world_size)")
+            raise RaysparseError(
+                f"batches: rank {rank!r} of world_size {world_size!r} (expected 0 <= rank < world_size)"
+            )
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last)
     generator = torch.Generator().manual_seed(seed)

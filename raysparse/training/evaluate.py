@@ -18,7 +18,7 @@ import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -34,8 +34,15 @@ from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
 from raysparse.models.heads import TaskModel
 from raysparse.structure import Mask, apply_mask
-from raysparse.training.batches import default_max_length, feature_loader, model_device, num_labels_of, task_features, to_device
-from raysparse.training.retrieval import encode
+from raysparse.training.batches import (
+    default_max_length,
+    feature_loader,
+    model_device,
+    num_labels_of,
+    task_features,
+    to_device,
+)
+from raysparse.training.retrieval import embed, tokenize
 
 RETRIEVAL_PREFIX = "query: "  # what e5 models expect before each sentence
 
@@ -77,6 +84,10 @@ class EvaluationResult:
     def worst(self) -> float:
         return self.metrics[f"{self.task}/worst/{self.primary_metric}"]
 
+    def to_dict(self) -> dict:
+        """Plain JSON-ready form (for a results artifact)."""
+        return asdict(self)
+
     def table(self) -> str:
         """Per-language text table: metrics, examples scored, data file and part; avg and worst last."""
         names = list(dict.fromkeys(m for scores in self.per_language.values() for m in scores))
@@ -85,7 +96,8 @@ class EvaluationResult:
         for language, scores in self.per_language.items():
             scored, held = self.examples[language], self.available[language]
             rows.append([language, *(f"{scores[m]:.3f}" if m in scores else "-" for m in names),
-                         str(scored) if scored == held else f"{scored} of {held}", _short_source(self.sources[language])])
+                         str(scored) if scored == held else f"{scored} of {held}",
+                         _short_source(self.sources[language])])
         for summary in ("avg", "worst"):
             rows.append([summary, *(f"{self.metrics[f'{self.task}/{summary}/{m}']:.3f}" for m in names), "", ""])
         widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
@@ -132,6 +144,8 @@ def evaluate(
     language is scored. Retrieval prepends ``retrieval_prefix`` to every sentence.
     """
     task = get_task(task)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
         raise RaysparseError(f"evaluate.max_examples: {max_examples!r} (expected a positive integer or None)")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -143,8 +157,10 @@ def evaluate(
     if masks is not None:
         missing = [language for language in data if language not in masks]
         if missing:
-            raise RaysparseError(f"evaluate.masks: no mask for language(s) {', '.join(missing)} "
-                                 f"(masks given for: {', '.join(masks) or 'none'}; expected one per evaluated language)")
+            raise RaysparseError(
+                f"evaluate.masks: no mask for language(s) {', '.join(missing)} "
+                f"(masks given for: {', '.join(masks) or 'none'}; expected one per evaluated language)"
+            )
     say = print if verbose else (lambda *args, **kwargs: None)
     max_length = max_length or default_max_length(task)
     per_language: dict[str, dict[str, float]] = {}
@@ -162,13 +178,15 @@ def evaluate(
                 rows = rows.select(range(max_examples))
             examples[language] = len(rows)
             mask = masks[language] if masks is not None else None
-            with apply_mask(model, mask) if mask is not None else contextlib.nullcontext(), torch.inference_mode():
+            masked = apply_mask(model, mask) if mask is not None else contextlib.nullcontext()
+            with masked, torch.inference_mode():
                 per_language[language] = _score(model, tokenizer, task, rows, language_data, data_dir=data_dir,
                                                 max_examples=max_examples, batch_size=batch_size,
                                                 max_length=max_length, stride=stride, prefix=retrieval_prefix)
             seconds[language] = time.time() - started
             shown = "  ".join(f"{name} {value:.3f}" for name, value in per_language[language].items())
-            say(f"  {task.name} {language}: {examples[language]} examples  {shown}  ({seconds[language]:.1f}s)", flush=True)
+            say(f"  {task.name} {language}: {examples[language]} examples  {shown}  ({seconds[language]:.1f}s)",
+                flush=True)
     finally:
         model.train(was_training)
     return EvaluationResult(task.name, per_language, aggregate(per_language, task.name),
@@ -199,9 +217,8 @@ def _score(model, tokenizer, task: Task, rows: Dataset, data: LanguageData, *, d
     if task.name == "bucc":
         return _score_bucc(model, tokenizer, data, data_dir, max_examples, batch_size, max_length, prefix)
     if task.kind == "retrieval":
-        encoder = model.encoder if isinstance(model, TaskModel) else model
-        source = encode(encoder, tokenizer, list(rows["source"]), batch_size, prefix, max_length)
-        target = encode(encoder, tokenizer, list(rows["target"]), batch_size, prefix, max_length)
+        source = _embed_texts(model, tokenizer, list(rows["source"]), batch_size, prefix, max_length)
+        target = _embed_texts(model, tokenizer, list(rows["target"]), batch_size, prefix, max_length)
         return {"accuracy": retrieval_accuracy(source.numpy(), target.numpy())}
     features = task_features(task, tokenizer, rows, train=False, max_length=max_length, stride=stride)
     outputs = _forward(model, tokenizer, features, batch_size)
@@ -220,21 +237,51 @@ def _score(model, tokenizer, task: Task, rows: Dataset, data: LanguageData, *, d
 
 
 def _forward(model: nn.Module, tokenizer, features: Dataset, batch_size: int) -> dict[str, list[np.ndarray]]:
-    """Each feature row's outputs, unpadded (tokens beyond its own length cut off)."""
-    loader = feature_loader(features, tokenizer, batch_size, shuffle=False)
+    """Each feature row's outputs, unpadded (tokens beyond its own length cut off).
+
+    Rows are batched in order of length, so little compute goes to padding; outputs
+    come back in the rows' own order.
+    """
+    lengths_of = [len(ids) for ids in features["input_ids"]]
+    order = sorted(range(len(features)), key=lengths_of.__getitem__)
+    loader = feature_loader(features, tokenizer, batch_size, shuffle=False, sampler=order)
     device = model_device(model)
-    keys = ("logits",) if model.kind == "pair_classification" else (
-        ("logits",) if model.kind == "tagging" else ("start_logits", "end_logits"))
-    outputs: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+    keys = ("start_logits", "end_logits") if model.kind == "qa" else ("logits",)
+    outputs: dict[str, list] = {key: [None] * len(features) for key in keys}
+    position = 0
     for batch in loader:
         lengths = batch["attention_mask"].sum(1).tolist()
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         result = model(**to_device(inputs, device))
         for key in keys:
             values = result[key].float().cpu().numpy()
-            for row, length in zip(values, lengths):
-                outputs[key].append(row if model.kind == "pair_classification" else row[: int(length)])
+            for offset, (row, length) in enumerate(zip(values, lengths)):
+                index = order[position + offset]
+                outputs[key][index] = row if model.kind == "pair_classification" else row[: int(length)]
+        position += len(lengths)
     return outputs
+
+
+def _embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int, prefix: str,
+                 max_length: int) -> torch.Tensor:
+    """Normalised mean-pooled embeddings (on the CPU) of ``texts``, batched by length.
+
+    A TaskModel is embedded through its encoder, whatever its head.
+    """
+    encoder = model.encoder if isinstance(model, TaskModel) else model
+    device = model_device(encoder)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: torch.Tensor | None = None
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        encoded = tokenize(tokenizer, [texts[i] for i in index], prefix, max_length)
+        embeddings = embed(encoder, to_device(encoded, device)).float().cpu()
+        if out is None:
+            out = torch.empty(len(texts), embeddings.shape[1])
+        out[index] = embeddings
+    if out is None:
+        raise RaysparseError("evaluate: no sentences to embed (expected at least one)")
+    return out
 
 
 def _stack_ragged(rows: list[np.ndarray]) -> np.ndarray:
@@ -254,11 +301,10 @@ def _score_bucc(model, tokenizer, data: LanguageData, data_dir, max_examples, ba
     gold pairs is highest (an oracle threshold); ``max_examples`` caps source sentences.
     """
     corpus = load_bucc_corpus(data.language, data.file_split, data_dir)
-    encoder = model.encoder if isinstance(model, TaskModel) else model
     source_ids = list(corpus.source)[:max_examples] if max_examples else list(corpus.source)
     target_ids = list(corpus.target)
-    source = encode(encoder, tokenizer, [corpus.source[i] for i in source_ids], batch_size, prefix, max_length)
-    target = encode(encoder, tokenizer, [corpus.target[i] for i in target_ids], batch_size, prefix, max_length)
+    source = _embed_texts(model, tokenizer, [corpus.source[i] for i in source_ids], batch_size, prefix, max_length)
+    target = _embed_texts(model, tokenizer, [corpus.target[i] for i in target_ids], batch_size, prefix, max_length)
     kept = set(source_ids)
     gold = [(s, t) for s, t in corpus.gold if s in kept]
     best_score, best_target = torch.zeros(len(source_ids)), torch.zeros(len(source_ids), dtype=torch.long)

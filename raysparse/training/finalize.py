@@ -73,6 +73,17 @@ def finalize(run) -> dict:
             mask.save(folder / f"mask-{key}.json")
         for key, scores in run.state.scores.items():
             scores.save(folder / f"scores-{key}.safetensors")
+        language_scores = {k: v for k, v in run.state.scores.items() if k != "shared"}
+        if len(language_scores) > 1:   # per-language setting: overlap of masks and importance heat-map
+            from raysparse.pruning.analysis import head_overlap, write_language_study
+            from raysparse.structure import Encoder
+
+            enc = Encoder(run.model)
+            write_language_study(folder / "language_study", language_scores, spec.pruning.sparsity, enc.hidden_size,
+                                 enc.head_dim, run.selection)
+            overlap = head_overlap({k: m for k, m in run.state.masks.items() if k in language_scores})
+            metrics["language_study/head_jaccard"] = overlap["heads"]["mean"]
+            log.metrics({"language_study/head_jaccard": overlap["heads"]["mean"]})
         log.artifact(folder, "results")
         quality = {**run.state.metrics, **metrics}
         log.figure(quality_plot(quality, run.task.name, run.task.primary_metric), "results/per_language.png")

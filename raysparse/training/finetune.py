@@ -67,7 +67,9 @@ def train_step(
     model.train()
     loss = loss_fn(model, batch)
     if not torch.isfinite(loss):
-        raise RaysparseError(f"training: the loss became {float(loss)} (expected a finite number; lower the learning rate?)")
+        raise RaysparseError(
+            f"training: the loss became {float(loss)} (expected a finite number; lower the learning rate?)"
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm:
@@ -76,6 +78,20 @@ def train_step(
     if scheduler is not None:
         scheduler.step()
     return float(loss.detach())
+
+
+def freeze_word_embeddings(model: nn.Module) -> int:
+    """Stop training the word-embedding table; returns how many parameters were frozen.
+
+    The table is most of a multilingual encoder (82% of e5-small), so freezing it makes
+    every step much cheaper, and zero-shot transfer keeps the languages the English
+    data never touches aligned with those it does.
+    """
+    from raysparse.structure.adapters import Encoder
+
+    weight = Encoder(model).embeddings.word_embeddings.weight
+    weight.requires_grad_(False)
+    return weight.numel()
 
 
 def cycle(loader: Iterable) -> Iterator:
@@ -126,8 +142,8 @@ def finetune(
                 elapsed = time.time() - started
                 recent = losses[-log_every:]
                 print(f"  finetune step {step}/{steps}  loss {sum(recent) / len(recent):.4f}  "
-                      f"lr {scheduler.get_last_lr()[0]:.2e}  {elapsed:.0f}s  eta {elapsed / step * (steps - step):.0f}s",
-                      flush=True)
+                      f"lr {scheduler.get_last_lr()[0]:.2e}  {elapsed:.0f}s  "
+                      f"eta {elapsed / step * (steps - step):.0f}s", flush=True)
             if on_step is not None and on_step(step, losses[-1]):
                 break
     finally:
@@ -135,4 +151,6 @@ def finetune(
     return losses
 
 
-__all__ = ["NO_DECAY", "cycle", "finetune", "linear_schedule", "make_optimizer", "train_step"]
+__all__ = [
+    "NO_DECAY", "cycle", "finetune", "freeze_word_embeddings", "linear_schedule", "make_optimizer", "train_step",
+]

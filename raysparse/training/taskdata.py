@@ -12,7 +12,6 @@ trains on its own rows with its head's loss.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from torch import nn
 from raysparse.config import RunSpec
 from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
-from raysparse.training.batches import PaddingCollator, model_device, task_loss, to_device
+from raysparse.training.batches import PaddingCollator, model_device, to_device
 
 
 def step_indices(step: int, batch_size: int, num_rows: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -100,19 +99,16 @@ class TaskData:
     def batches(self, rows: list, start: int, count: int, batch_size: int, salt: int = 0) -> list:
         return [self.batch(rows, step, batch_size, salt) for step in range(start, start + count)]
 
-    @property
-    def loss(self) -> Callable[[nn.Module, object], torch.Tensor]:
-        return retrieval_loss if self.task.kind == "retrieval" else supervised_loss
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """The task's loss of ``model`` on ``batch`` (one forward)."""
+        return self.loss_of(model(**to_device(batch, model_device(model))))
 
+    def loss_of(self, outputs: dict) -> torch.Tensor:
+        """The task's loss from a forward's outputs: the head's loss, or InfoNCE for retrieval."""
+        if self.task.kind != "retrieval":
+            return outputs["loss"]
+        from raysparse.training.retrieval import info_nce
 
-def supervised_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return task_loss(model, batch)
-
-
-def retrieval_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """InfoNCE between the two halves of a batch (sources, then their translations)."""
-    from raysparse.training.retrieval import info_nce
-
-    embeddings = model(**to_device(batch, model_device(model)))["embeddings"]
-    half = len(embeddings) // 2
-    return info_nce(embeddings[:half], embeddings[half:])
+        embeddings = outputs["embeddings"]
+        half = len(embeddings) // 2   # sources, then their translations
+        return info_nce(embeddings[:half], embeddings[half:])

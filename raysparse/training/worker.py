@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raysparse.config import RunSpec
+from raysparse.errors import RaysparseError
 from raysparse.pruning import Selection, UnitScores, cubic_sparsity, get_algorithm, select_mask
 from raysparse.structure import Encoder, Mask, UnitGates, attach_gates
 from raysparse.structure.shrink import mask_rows_for
@@ -85,10 +87,7 @@ class Run:
         encoder = raysparse.load_model(self.spec.model.source)
         self.model = build_task_model(encoder, self.task, seed=self.spec.seed)
         self.data = TaskData(self.spec, self.tokenizer, self.rank, self.world_size)
-        options = dict(self.spec.pruning.options)
-        if self.spec.pruning.algorithm == "random":
-            options.setdefault("seed", self.spec.seed)
-        self.algorithm = get_algorithm(self.spec.pruning.algorithm, **options)
+        self.algorithm = build_algorithm(self.spec)
         self.selection = Selection(self.spec.pruning.scope, self.spec.pruning.normalize, self.spec.pruning.round_to)
         self.teacher: nn.Module | None = None
         self.state = RunState()
@@ -112,8 +111,8 @@ class Run:
         if (folder / "teacher.safetensors").is_file():
             self.teacher = copy.deepcopy(self.model)
             load_weights(self.teacher, folder / "teacher.safetensors")
-        if (folder / "algorithm.safetensors").is_file():
-            self.algorithm.load_state(folder / "algorithm.safetensors")
+        if (folder / "algorithm.safetensors").is_file() and hasattr(self.algorithm, "load_state_dict"):
+            self.algorithm.load_state_dict(load_file(str(folder / "algorithm.safetensors")))
         self.checkpoint_dir = folder
         self.state.metrics["resumes"] = self.state.metrics.get("resumes", 0) + 1
         if self.is_chief:
@@ -140,8 +139,9 @@ class Run:
             save_weights(self.model, folder / "model.safetensors")
             if self.teacher is not None:
                 save_weights(self.teacher, folder / "teacher.safetensors")
-            if hasattr(self.algorithm, "save_state"):
-                self.algorithm.save_state(folder / "algorithm.safetensors")
+            state = algorithm_state(self.algorithm)
+            if state:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "algorithm.safetensors"))
             if optimizer is not None:
                 save_optimizer(optimizer, scheduler, folder / "optimizer.pt")
             ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
@@ -258,10 +258,11 @@ class Run:
             for key in keys:
                 rows = self.data.pool(self.languages["scoring"] if key == SHARED else [key])
                 base = self.state.masks.get(key)
-                final = self.algorithm.final_mask(self.model, target) if self.algorithm.learns_during_training else None
-                if final is not None:
+                final = self.algorithm.final_mask(self.model, target)
+                if final is not None:   # the method decided the mask itself (L0 gates, dropped layers)
                     mask = final
-                    scores = self.algorithm.score(self.model, None, None, base)
+                    scores = (self.algorithm.score(self.model, None, None, base) if self.algorithm.learns_during_training
+                              else self._score(rows, base, salt=round_index))
                 else:
                     scores = self._score(rows, base, salt=round_index)
                     mask = select_mask(scores, target, enc.hidden_size, enc.head_dim, self.selection, base)
@@ -287,6 +288,11 @@ class Run:
         if optimizer is None:
             optimizer, scheduler = self._optimizer(learning_rate, steps, 0.0)
         distill = spec.recovery.distillation
+        layer_maps = {}
+        if distill.enabled and distill.hidden and self.teacher is not None:
+            from raysparse.training.distill import layer_map_for
+
+            layer_maps = {key: layer_map_for(self.model, self.teacher, self.state.masks[key]) for key in keys}
         progress = Progress(stage, steps, self.is_chief)
         self.model.train()
         with attach_gates(self.model, gates):
@@ -295,7 +301,7 @@ class Run:
                 gates.heads, gates.neurons, gates.layers = (gate_rows[key].heads, gate_rows[key].neurons,
                                                             gate_rows[key].layers)
                 batch = self.data.batch(pools[key], step, spec.finetune.batch_size, salt=2000 + zlib.crc32(key.encode()) % 997)
-                loss = self._recovery_loss(batch, distill)
+                loss = self._recovery_loss(batch, distill, layer_maps.get(key))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -308,13 +314,15 @@ class Run:
                     if (step + 1) % spec.resources.checkpoint_every == 0 and step + 1 < steps:
                         self.report({"recover/loss": loss.item()}, optimizer, scheduler)
 
-    def _recovery_loss(self, batch, distill) -> torch.Tensor:
-        loss = self.data.loss(self.ddp, batch)
+    def _recovery_loss(self, batch, distill, layer_map) -> torch.Tensor:
         if not distill.enabled or self.teacher is None:
-            return loss
+            return self.data.loss(self.ddp, batch)
         from raysparse.training import distill as distillation
 
-        return distillation.recovery_loss(self.ddp, self.teacher, batch, loss, distill)
+        # one student forward (DDP allows one per backward): task loss and distillation share it
+        outputs = distillation.forward_outputs(self.ddp, batch, hidden_states=distill.hidden)
+        return distillation.recovery_loss(self.ddp, self.teacher, batch, self.data.loss_of(outputs), distill,
+                                          student_out=outputs, layer_map=layer_map)
 
     def recover(self) -> None:
         spec = self.spec
@@ -370,6 +378,34 @@ class Run:
             stages[self.state.stage]()
         if not self.reported:   # restored a finished run: report its result once more
             self.report(checkpoint=True)
+
+
+def build_algorithm(spec: RunSpec):
+    """The spec's algorithm; the run's seed and target sparsity reach methods that take them."""
+    import inspect
+
+    from raysparse.pruning import ALGORITHMS
+
+    options = dict(spec.pruning.options)
+    accepted = inspect.signature(ALGORITHMS[spec.pruning.algorithm].__init__).parameters
+    if "seed" in accepted:
+        options.setdefault("seed", spec.seed)
+    if "target_sparsity" in accepted:
+        options.setdefault("target_sparsity", spec.pruning.sparsity)
+    for key in ("prune_every", "ramp_fraction"):   # schedule options, not the algorithm's
+        if key not in accepted:
+            options.pop(key, None)
+    return get_algorithm(spec.pruning.algorithm, **options)
+
+
+def algorithm_state(algorithm) -> dict:
+    """Tensors a learning method needs after a restart (empty for stateless methods)."""
+    if not hasattr(algorithm, "state_dict"):
+        return {}
+    try:
+        return algorithm.state_dict()
+    except RaysparseError:   # not attached yet: nothing learned
+        return {}
 
 
 def _sparsity(model: nn.Module, mask: Mask) -> float:

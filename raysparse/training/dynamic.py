@@ -1,0 +1,358 @@
+"""The per-worker function of a Dynamic Sparsification run (``pruning.schedule: dynamic``).
+
+The stages of a normal run, with the same names, checkpoints and resume:
+
+- ``finetune``: exactly as a normal run (:class:`raysparse.training.worker.Run`).
+- ``prune``: score heads and neurons (the spec's algorithm), then *rewire*: permute them
+  inside every layer by descending importance, so that the sub-network at sparsity s is
+  the prefix of every layer (:mod:`raysparse.structure.rewire`).
+- ``recover``: every step trains the largest and the smallest level of ``dynamic.grid``
+  plus ``dynamic.samples_per_step`` random other levels (sandwich rule) on one batch,
+  each as a prefix mask switched into the same gate hooks; the full sub-network's
+  outputs (detached) teach the smaller ones when ``dynamic.distill``; gradients of all
+  sub-networks accumulate before one optimizer step.
+- ``evaluate``: every level, every language, under its prefix mask.
+- ``finalize``: every level sliced physically; parameters, bytes, FLOPs and latency per
+  level; the curve as Tune/Train results (keys ``level/<s>/...``) and as MLflow metrics
+  (``curve/...`` with step ``round(100 * s)``), a plot of quality against sparsity per
+  language; the one rewired checkpoint that serves every size (``model/dynamic``).
+
+The level nearest ``pruning.sparsity`` is also reported under the plain keys of a normal
+run (``<task>/avg/<metric>``, ``encoder_sparsity``, ...), so a search can rank DS trials
+beside one-shot ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, measure, prefix_mask, rewire, shrink_to
+from raysparse.structure.rewire import dynamic_info, mark, save_dynamic
+from raysparse.training.state import STAGES, load_optimizer
+from raysparse.training.worker import SHARED, Progress, Run
+
+
+def level_key(level: float) -> str:
+    """How a level is named in result keys: ``level/0.3/...``."""
+    return f"{level:g}"
+
+
+def level_step(level: float) -> int:
+    """The MLflow step of a level: its sparsity in percent."""
+    return round(100 * level)
+
+
+def sample_levels(grid: list[float], samples: int, seed: int, step: int) -> list[float]:
+    """Levels trained at ``step``: the largest model, the smallest, ``samples`` random others (seeded by step)."""
+    middle = list(grid[1:-1])
+    rng = random.Random(seed * 1_000_003 + step)
+    chosen = sorted(rng.sample(middle, min(samples, len(middle))))
+    return [grid[0], *chosen, *([grid[-1]] if len(grid) > 1 else [])]
+
+
+def nearest_level(grid: list[float], sparsity: float) -> float:
+    return min(grid, key=lambda level: (abs(level - sparsity), level))
+
+
+def copy_sharing_embeddings(model: nn.Module) -> nn.Module:
+    """A deep copy whose embedding tables are the original's (levels are sliced from copies; 82% of e5-small
+    is its embedding table, so ten full copies would not fit in a small machine's memory)."""
+    shared = {id(p): p for p in Encoder(model).embeddings.parameters()}
+    return copy.deepcopy(model, memo=shared)
+
+
+def full_mask(mask: Mask) -> bool:
+    return bool(mask.kept_heads.all() and mask.kept_neurons.all() and mask.kept_layers.all())
+
+
+def split_curve(metrics: dict, grid: list[float]) -> dict[float, dict[str, float]]:
+    """``level/<s>/<key>`` results -> {level: {key: value}}."""
+    curve: dict[float, dict[str, float]] = {level: {} for level in grid}
+    names = {level_key(level): level for level in grid}
+    for key, value in metrics.items():
+        if key.startswith("level/"):
+            name, _, rest = key[len("level/"):].partition("/")
+            if name in names:
+                curve[names[name]][rest] = value
+    return curve
+
+
+def curve_table(metrics: dict, grid: list[float], task: str, metric: str, languages: list[str] | None = None) -> str:
+    """Quality per language at every level, beside encoder sparsity, parameters and latency."""
+    curve = split_curve(metrics, grid)
+    if languages is None:
+        languages = sorted({k.split("/")[1] for values in curve.values() for k in values
+                            if k.startswith(f"{task}/") and k.endswith(f"/{metric}")} - {"avg", "worst"})
+    latency = sorted({k for values in curve.values() for k in values if k.startswith("latency/") and k.endswith("_ms")})
+    header = ["level", "enc.sparsity", "params", *languages, "avg", "worst", *[k.split("/")[-1] for k in latency]]
+    rows = []
+    for level in grid:
+        values = curve[level]
+
+        def cell(key, fmt="{:.3f}"):
+            return fmt.format(values[key]) if key in values else "-"
+
+        params = f"{values['params/total'] / 1e6:.2f}M" if "params/total" in values else "-"
+        rows.append([level_key(level), cell("encoder_sparsity"), params,
+                     *[cell(f"{task}/{lang}/{metric}") for lang in [*languages, "avg", "worst"]],
+            *[cell(k, "{:.1f}") for k in latency]])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return f"{task} {metric} at every level of one Dynamic Sparsification run\n" + "\n".join(lines)
+
+
+def curve_plot(metrics: dict, grid: list[float], task: str, metric: str, title: str | None = None):
+    """Quality against encoder sparsity, one line per language (avg bold, worst dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = split_curve(metrics, grid)
+    x = [curve[level].get("encoder_sparsity", level) for level in grid]
+    languages = sorted({k.split("/")[1] for values in curve.values() for k in values
+                        if k.startswith(f"{task}/") and k.endswith(f"/{metric}")} - {"avg", "worst"})
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for lang in languages:
+        axis.plot(x, [curve[level].get(f"{task}/{lang}/{metric}", float("nan")) for level in grid], "o-", lw=1,
+                  ms=3, alpha=0.7, label=lang)
+    axis.plot(x, [curve[level].get(f"{task}/avg/{metric}", float("nan")) for level in grid], "o-", lw=2.5,
+              color="black", label="avg")
+    axis.plot(x, [curve[level].get(f"{task}/worst/{metric}", float("nan")) for level in grid], "--", lw=1.5,
+              color="#c44e52", label="worst")
+    axis.set_xlabel("encoder sparsity")
+    axis.set_ylabel(metric)
+    axis.set_title(title or f"{task}: one Dynamic Sparsification run, every size")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+class DynamicRun(Run):
+    """A run whose pruning stage rewires and whose recovery trains every size at once."""
+
+    # --- resume: a checkpoint after the prune stage holds rewired weights -----------------------
+    def _before_weights_load(self) -> None:
+        if STAGES.index(self.state.stage) > STAGES.index("prune") and SHARED in self.state.scores:
+            self._rewire(self.state.scores[SHARED])
+
+    def _rewire(self, scores) -> None:
+        rewire(self.model, scores)
+        mark(self.model, {**dynamic_info(self.model), "grid": list(self.spec.dynamic.grid),
+                          "match_sparsity": self.spec.dynamic.match_sparsity})
+
+    def _level_gates(self, level: float) -> UnitGates:
+        """Gate rows of the prefix at ``level`` on this worker's device (none for the full model)."""
+        mask = prefix_mask(self.model, level, self.spec.dynamic.match_sparsity)
+        if full_mask(mask):
+            return UnitGates()
+        device = next(self.model.parameters()).device
+        gates = self._gates_for(mask)
+        return UnitGates([r.to(device) for r in gates.heads], [r.to(device) for r in gates.neurons],
+                         gates.layers.to(device))
+
+    # --- stages -----------------------------------------------------------------------------------
+    def prune(self) -> None:
+        """Score once (shared), then rewire every layer by descending importance."""
+        self.teacher = None      # DS distils from the full sub-network of each step, not a stored copy
+        if self.algorithm.learns_during_training:
+            scores = self.algorithm.score(self.model, None, None, None)
+        else:
+            scores = self._score(self.data.pool(self.languages["scoring"]), None)
+        self.state.scores[SHARED] = scores
+        self._rewire(scores)
+        self.ddp = self._wrap(self.model)          # rewiring made new parameters: wrap them again
+        if self.is_chief:
+            print(f"[prune] rewired {len(Encoder(self.model).layers)} layers by {self.spec.pruning.algorithm} "
+                  f"importance; levels {', '.join(level_key(s) for s in self.spec.dynamic.grid)}", flush=True)
+        self.state.advance("recover")
+        self.report()
+
+    def recover(self) -> None:
+        dyn = self.spec.dynamic
+        if dyn.steps > 0:
+            optimizer, scheduler = self._optimizer(dyn.learning_rate, dyn.steps, 0.0)
+            if self.checkpoint_dir is not None and self.state.step:
+                load_optimizer(optimizer, scheduler, self.checkpoint_dir / "optimizer.pt")
+            self._train_every_size(dyn.steps, optimizer, scheduler)
+        self.state.advance("evaluate")
+        self.report()
+
+    def _loss_and_outputs(self, batch) -> tuple[torch.Tensor, dict]:
+        from raysparse.training.batches import model_device, to_device
+        from raysparse.training.distill import as_outputs
+        from raysparse.training.retrieval import info_nce
+
+        outputs = as_outputs(self.ddp(**to_device(batch, model_device(self.model))))
+        if self.task.kind == "retrieval":          # sources, then their translations (as TaskData batches them)
+            embeddings = outputs["embeddings"]
+            half = len(embeddings) // 2
+            return info_nce(embeddings[:half], embeddings[half:]), outputs
+        return outputs["loss"], outputs
+
+    def _train_every_size(self, steps: int, optimizer, scheduler) -> None:
+        from raysparse.training.distill import distillation_loss
+
+        spec, dyn = self.spec, self.spec.dynamic
+        rows = self.data.pool(self.languages["scoring"])
+        level_gates = {level: self._level_gates(level) for level in dyn.grid}
+        gates = UnitGates()
+        progress = Progress("dynamic", steps, self.is_chief)
+        self.model.train()
+        with attach_gates(self.model, gates):
+            for step in range(self.state.step, steps):
+                batch = self.data.batch(rows, step, spec.finetune.batch_size, salt=3000)
+                levels = sample_levels(dyn.grid, dyn.samples_per_step, spec.seed, step)
+                optimizer.zero_grad(set_to_none=True)
+                teacher, losses = None, []
+                for i, level in enumerate(levels):
+                    chosen = level_gates[level]
+                    gates.heads, gates.neurons, gates.layers = chosen.heads, chosen.neurons, chosen.layers
+                    last = i == len(levels) - 1
+                    with contextlib.nullcontext() if last or self.world_size == 1 else self.ddp.no_sync():
+                        loss, outputs = self._loss_and_outputs(batch)
+                        if teacher is None:     # the largest sub-network (level 0: the full model) teaches
+                            teacher = {k: v.detach() for k, v in outputs.items()
+                                       if k != "loss" and isinstance(v, torch.Tensor)}
+                        elif dyn.distill:
+                            loss = distillation_loss(outputs, teacher, dyn.temperature, dyn.alpha, task_loss=loss)
+                        (loss / len(levels)).backward()
+                    losses.append(loss.item())
+                optimizer.step()
+                scheduler.step()
+                self.state.step = step + 1
+                mean = sum(losses) / len(losses)
+                progress.step(step, mean, f"(levels {', '.join(level_key(s) for s in levels)})")
+                if self.is_chief and ((step + 1) % 10 == 0 or step + 1 == steps):
+                    self.log.metrics({"dynamic/loss": mean, "dynamic/loss/largest": losses[0],
+                                      "dynamic/loss/smallest": losses[-1]}, step=step + 1)
+                if (step + 1) % spec.resources.checkpoint_every == 0 and step + 1 < steps:
+                    self.report({"dynamic/loss": mean}, optimizer, scheduler)
+
+    def evaluate(self) -> None:
+        """Rank 0: every level, every language, under the level's prefix mask."""
+        if self.is_chief:
+            from raysparse.training.evaluate import evaluate
+
+            spec, dyn = self.spec, self.spec.dynamic
+            languages = self.languages["evaluation"]
+            headline = nearest_level(dyn.grid, spec.pruning.sparsity)
+            self.model.eval()
+            for level in dyn.grid:
+                mask = prefix_mask(self.model, level, dyn.match_sparsity)
+                result = evaluate(self.model, self.tokenizer, self.task.name, languages, data_dir=spec.data.dir,
+                                  max_examples=spec.data.max_eval_examples, seed=spec.seed,
+                                  train_fraction=spec.data.train_fraction, masks={lang: mask for lang in languages},
+                                  verbose=False)
+                self.state.metrics.update({f"level/{level_key(level)}/{k}": v for k, v in result.metrics.items()})
+                self.log.metrics({f"curve/{k}": v for k, v in result.metrics.items()}, step=level_step(level))
+                if level == headline:
+                    self.state.metrics.update(result.metrics)
+                    self.log.metrics(result.metrics)
+                    self.state.sources.update({f"eval.{k}": v for k, v in result.sources.items()})
+                print(f"[evaluate] level {level_key(level)}: {self.task.primary_metric} avg {result.average:.3f}, "
+                      f"worst {result.worst:.3f}", flush=True)
+            self.state.metrics["dynamic/headline_level"] = headline
+            self.state.sources.update({f"train.{k}": v for k, v in self.data.sources.items()})
+        self.state.advance("finalize")
+        self.report()
+
+    def finalize(self) -> None:
+        if self.is_chief:
+            self.state.metrics.update(finalize_curve(self))
+        self.state.advance("done")
+        self.report(checkpoint=True)
+
+
+def finalize_curve(run: DynamicRun) -> dict:
+    """Rank 0: slice every level physically, measure it, time it; log the curve, its plot and the DS checkpoint."""
+    from raysparse.efficiency import measure_latency, median_speedups
+
+    spec, dyn, log = run.spec, run.spec.dynamic, run.log
+    length = spec.efficiency.sequence_length
+    run.model.eval()
+    shrunk = {level: shrink_to(copy_sharing_embeddings(run.model), level, dyn.match_sparsity).eval()
+              for level in dyn.grid}
+    sizes = {level: measure(model.encoder, length) for level, model in shrunk.items()}
+    per_level: dict[float, dict[str, float]] = {}
+    for level, size in sizes.items():
+        per_level[level] = {"encoder_sparsity": size.encoder_sparsity, "params/total": size.total_params,
+                            "params/encoder": size.encoder_params, "params/embedding": size.embedding_params,
+                            "bytes": size.bytes, "flops": size.flops_per_sequence}
+    if spec.efficiency.latency:
+        results = measure_latency({level_key(level): model.encoder for level, model in shrunk.items()},
+                                  batch_sizes=tuple(spec.efficiency.batch_sizes), sequence_length=length,
+                                  warmup=spec.efficiency.warmup, repeats=spec.efficiency.repeats,
+                                  threads=spec.efficiency.threads)
+        names = {level_key(level): level for level in dyn.grid}
+        for result in results:
+            per_level[names[result.name]][f"latency/b{result.batch_size}_ms"] = result.median_ms
+        for (name, batch), speedup in median_speedups(results, level_key(dyn.grid[0])).items():
+            per_level[names[name]][f"speedup/b{batch}"] = speedup
+    metrics: dict[str, float] = {}
+    for level, values in per_level.items():
+        metrics.update({f"level/{level_key(level)}/{k}": v for k, v in values.items()})
+        log.metrics({f"curve/{k}": v for k, v in values.items()}, step=level_step(level))
+
+    headline, dense = nearest_level(dyn.grid, spec.pruning.sparsity), dyn.grid[0]
+    top = per_level[headline]
+    plain = {k: top[k] for k in ("encoder_sparsity", "params/total", "params/encoder", "params/embedding", "bytes",
+                                 "flops")}
+    plain.update({"dense/params/total": per_level[dense]["params/total"], "dense/bytes": per_level[dense]["bytes"],
+                  "dense/flops": per_level[dense]["flops"]})
+    for batch in spec.efficiency.batch_sizes if spec.efficiency.latency else []:
+        plain[f"latency/dense/b{batch}_ms"] = per_level[dense][f"latency/b{batch}_ms"]
+        plain[f"latency/pruned/b{batch}_ms"] = top[f"latency/b{batch}_ms"]
+        plain[f"speedup/b{batch}"] = top[f"speedup/b{batch}"]
+    metrics.update(plain)
+    log.metrics(plain)
+
+    everything = {**run.state.metrics, **metrics}
+    task, metric = run.task.name, run.task.primary_metric
+    table = curve_table(everything, dyn.grid, task, metric, run.languages["evaluation"])
+    print(table, flush=True)
+    with tempfile.TemporaryDirectory(prefix="raysparse-dynamic-") as folder:
+        folder = Path(folder)
+        (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
+        (folder / "sources.json").write_text(json.dumps(run.state.sources, indent=1))
+        (folder / "sizes.json").write_text(json.dumps({level_key(s): size.as_dict() for s, size in sizes.items()},
+                                                      indent=1))
+        curve = split_curve(everything, dyn.grid)
+        (folder / "curve.json").write_text(json.dumps({"grid": dyn.grid, "headline_level": headline,
+                                                       "levels": {level_key(s): curve[s] for s in dyn.grid}}, indent=1))
+        (folder / "curve.txt").write_text(table + "\n")
+        for level in dyn.grid:
+            prefix_mask(run.model, level, dyn.match_sparsity).save(folder / f"mask-{level_key(level)}.json")
+        for key, scores in run.state.scores.items():
+            scores.save(folder / f"scores-{key}.safetensors")
+        log.artifact(folder, "results")
+        log.figure(curve_plot(everything, dyn.grid, task, metric), "results/curve.png")
+        if spec.tracking.log_models != "none" and log.active:
+            info = {"task": task, "run": spec.name}
+            log.artifact(save_dynamic(run.model, folder / "model" / "dynamic", run.tokenizer, grid=dyn.grid,
+                                      extra=info), "model/dynamic")
+            for level in dyn.grid if spec.tracking.log_models == "all" else []:
+                out = save_dynamic(shrunk[level], folder / "model" / f"level-{level_key(level)}", run.tokenizer,
+                                   extra=info)
+                log.artifact(out, f"model/level-{level_key(level)}")
+    return metrics
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point Ray Train calls on every worker of a Dynamic Sparsification run."""
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    DynamicRun(config).execute()
+
+
+__all__ = ["DynamicRun", "curve_plot", "curve_table", "level_key", "level_step", "nearest_level", "sample_levels",
+           "split_curve", "train_loop_per_worker"]
