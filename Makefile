@@ -24,8 +24,9 @@ setup: $(VENV)/.installed
 model: setup
 	$(RS) fetch-model
 
+# The main job: a real search (several algorithms, both settings, a Dynamic Sparsification trial).
 demo: model
-	$(RS) prune --sparsity 0.5 --languages de,fr,ru,zh,ar,hi --steps 8 --out outputs/demo-e5-50
+	$(RS) search experiments/searches/demo.yaml
 
 test: model
 	$(PY) -m pytest -q tests

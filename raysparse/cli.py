@@ -37,13 +37,19 @@ def cmd_prune(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    from raysparse.data.load import available_splits
     from raysparse.data.tasks import get_task
     from raysparse.models.sources import load_encoder, load_tokenizer
     from raysparse.paths import data_dir
     from raysparse.training.evaluate import check_head, evaluate
 
     task = get_task(args.task)
-    data_dir(args.data_dir)  # a missing data folder fails before the model loads
+    for language in _languages(args.languages) or []:  # bad data input fails before the model loads
+        available_splits(task, language, args.data_dir)
+    data_dir(args.data_dir)
+    transformers_logging.disable_progress_bar()  # errors stay one line; evaluate prints its own progress
     model = load_encoder(args.model)
     check_head(model, task)
     result = evaluate(model, load_tokenizer(args.tokenizer or args.model), task, _languages(args.languages),
@@ -117,6 +123,13 @@ def cmd_report(args) -> None:
     print("written: " + ", ".join(str(p) for p in written.values()))
 
 
+def cmd_ui(args) -> None:
+    from raysparse.tracking.server import default_root, ensure_server
+
+    uri = ensure_server()
+    print(f"MLflow UI: {uri}   (server data in {default_root()}; it keeps running in the background)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,10 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("search", help="the search's name")
     p.add_argument("--out", default=None, help="folder for tables and plots (default reports/<search>)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI or the local one)")
+    sub.add_parser("ui", help="start (or find) the local MLflow server and print the address of its UI")
     return parser
 
 
-COMMANDS = {"report": cmd_report, "search": cmd_search, "run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench,
+COMMANDS = {"ui": cmd_ui, "report": cmd_report, "search": cmd_search, "run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench,
             "shrink": cmd_shrink}
 
 

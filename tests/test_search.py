@@ -13,18 +13,20 @@ import yaml
 from tests.test_runs import rest
 from tests.test_search_space import brute_force_front
 
+# Every registered algorithm, both settings: the search doubles as the end-to-end check that each
+# method runs through a real run and reaches the exact target sparsity.
+TRIALS = [("gradient", "shared"), ("magnitude", "per-language"), ("random", "shared"), ("l0", "shared"),
+          ("movement", "per-language"), ("layerdrop", "shared")]
 OBJECTIVES = [("xnli/avg/accuracy", "max"), ("latency/pruned/b1_ms", "min"), ("bytes", "min")]
 
 
 def search_spec(tracking_uri, storage):
     return {
-        "name": "test-search", "num_samples": 4, "max_concurrent": 2, "sampler": "random",
+        "name": "test-search", "num_samples": len(TRIALS), "max_concurrent": 2, "sampler": "random",
         "objectives": [{"metric": m, "mode": o} for m, o in OBJECTIVES],
-        "space": {"pruning.algorithm": {"choice": ["gradient", "magnitude"]},
+        "space": {"pruning.algorithm": {"choice": sorted({a for a, _ in TRIALS})},
                   "pruning.setting": {"choice": ["shared", "per-language"]}},
-        "trials": [{"pruning.algorithm": a, "pruning.setting": s}
-                   for a, s in [("gradient", "shared"), ("magnitude", "per-language"), ("gradient", "per-language"),
-                                ("magnitude", "shared")]],
+        "trials": [{"pruning.algorithm": a, "pruning.setting": s} for a, s in TRIALS],
         "base": {"data": {"task": "xnli", "languages": ["en", "de"], "max_train_examples": 24, "max_eval_examples": 16,
                           "max_length": 32},
                  "finetune": {"steps": 2, "batch_size": 8}, "pruning": {"sparsity": 0.5, "scoring_examples": 8},
@@ -48,6 +50,20 @@ def search_runs(uri, name):
     return parents, children, tags
 
 
+def tune_terminated(experiment_dir) -> set[str]:
+    """Trial ids Tune's saved experiment state records as finished."""
+    done = set()
+    for state in sorted(experiment_dir.glob("experiment_state-*.json"))[-1:]:
+        try:
+            for entry in json.loads(state.read_text())["trial_data"]:
+                trial = json.loads(entry[0])
+                if trial.get("status") == "TERMINATED":
+                    done.add(trial["trial_id"])
+        except (json.JSONDecodeError, OSError, KeyError):
+            pass
+    return done
+
+
 def cli(*args, **kwargs):
     return [sys.executable, "-m", "raysparse.cli", *args]
 
@@ -61,9 +77,10 @@ def test_search_survives_a_killed_driver_and_tracks_every_trial_once(tmp_path, t
     deadline = time.time() + 900
     finished_before = {}
     while time.time() < deadline and driver.poll() is None:
+        terminated = set().union(*[tune_terminated(d) for d in (tmp_path / "storage").glob("test-search-*")])
         _, children, tags = search_runs(tracking_server, "test-search")
         finished_before = {tags(r)["raysparse.trial_id"]: r["info"]["end_time"] for r in children
-                           if r["info"]["status"] == "FINISHED"}
+                           if r["info"]["status"] == "FINISHED" and tags(r)["raysparse.trial_id"] in terminated}
         if finished_before:
             break
         time.sleep(2)
@@ -78,7 +95,7 @@ def test_search_survives_a_killed_driver_and_tracks_every_trial_once(tmp_path, t
     parents, children, tags = search_runs(tracking_server, "test-search")
     assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED"
     trial_ids = [tags(r)["raysparse.trial_id"] for r in children]
-    assert len(trial_ids) == 4 and len(set(trial_ids)) == 4, "every trial exactly once in MLflow"
+    assert len(trial_ids) == len(TRIALS) and len(set(trial_ids)) == len(TRIALS), "every trial exactly once in MLflow"
     by_id = {tags(r)["raysparse.trial_id"]: r for r in children}
     for trial_id, end_time in finished_before.items():
         assert by_id[trial_id]["info"]["end_time"] == end_time, "a finished trial was run again"
@@ -93,10 +110,10 @@ def test_search_survives_a_killed_driver_and_tracks_every_trial_once(tmp_path, t
         for key in ["xnli/en/accuracy", "xnli/de/accuracy", "xnli/avg/accuracy", "xnli/worst/accuracy",
                     "encoder_sparsity", "bytes", "latency/pruned/b1_ms"]:
             assert key in metrics, key
+        assert metrics["encoder_sparsity"] == pytest.approx(0.5, abs=1e-4), params["pruning.algorithm"]
         rows.append({"trial": tags(run)["raysparse.trial_id"], **metrics})
         assert run["info"]["run_name"].startswith(f"{params['pruning.algorithm']}-{params['pruning.setting']}-")
-    assert combos == {("gradient", "shared"), ("gradient", "per-language"), ("magnitude", "shared"),
-                      ("magnitude", "per-language")}
+    assert combos == set(TRIALS)
 
     import mlflow
 

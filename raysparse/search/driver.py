@@ -40,6 +40,19 @@ class SearchResult:
     def pareto_table(self) -> str:
         return format_table(self.front, self.columns)
 
+    def language_table(self, task: str) -> str:
+        """Quality per language of every finished trial (the task's first metric)."""
+        keys = sorted({k for r in self.rows for k in r if k.startswith(f"{task}/") and k.count("/") == 2})
+        if not keys:
+            return "(no per-language metrics)"
+        metric = keys[0].split("/")[2]
+        languages = sorted({k.split("/")[1] for k in keys if k.endswith(f"/{metric}")} - {"avg", "worst"})
+        columns = ["trial", "algorithm", "setting", *languages, "avg", "worst"]
+        rows = [{"trial": r["trial"], "algorithm": r.get("algorithm"), "setting": r.get("setting"),
+                 **{c: r.get(f"{task}/{c}/{metric}") for c in [*languages, "avg", "worst"]}}
+                for r in self.rows if r["status"] == "done"]
+        return format_table(rows, columns)
+
 
 def as_search_spec(spec: SearchSpec | dict | str | Path) -> SearchSpec:
     if isinstance(spec, SearchSpec):
@@ -103,9 +116,12 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
     key = spec_key(spec.model_dump(exclude={"num_samples", "max_concurrent"}))
     storage = storage_path(spec.storage or base.storage)
-    experiment_path = Path(storage) / spec.name
-    if resume and not experiment_path.exists():
+    experiment_name = f"{spec.name}-{key[:8]}"   # a changed spec is a new search; the same spec continues
+    experiment_path = Path(storage) / experiment_name
+    if resume and not (experiment_path / "tuner.pkl").exists():
         raise RaysparseError(f"search: nothing to resume at {experiment_path} (run the search without --resume first)")
+    # The same search again continues (or, when finished, just reports) instead of starting over.
+    resume = resume or (experiment_path / "tuner.pkl").exists()
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     parent_run_id, resumed = open_run(tracking_uri, spec.tracking.experiment, key, spec.name,
                                       params={"search": {k: v for k, v in spec.model_dump().items() if k != "base"},
@@ -143,7 +159,7 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent),
-            run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=1,
+            run_config=tune.RunConfig(name=experiment_name, storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     try:
@@ -159,6 +175,10 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     _log_search(result, base.data.task)
     if verbose:
         print(f"\nall trials ({len(rows)}):\n{result.table()}\n\nPareto front ({len(front)}):\n{result.pareto_table()}")
+        print(f"\nper language ({metrics[0].split('/')[-1] if '/' in metrics[0] else metrics[0]}):\n"
+              f"{result.language_table(base.data.task)}")
+        print(f"\nOpen the results in the MLflow UI: {tracking_uri}/#/experiments/"
+              f"{_experiment_id(tracking_uri, spec.tracking.experiment)}   (or run: raysparse ui)")
     return result
 
 
@@ -190,6 +210,12 @@ def _log_search(result: SearchResult, task: str) -> None:
 
 
 __all__ = ["SearchResult", "as_search_spec", "search"]
+
+
+def _experiment_id(uri: str, name: str) -> str:
+    from raysparse.tracking.runs import client, experiment_id
+
+    return experiment_id(client(uri), name)
 
 
 def _last_line(exc: BaseException) -> str:

@@ -1,0 +1,96 @@
+"""Notebooks execute headless; the MLflow UI shows a search's trials side by side in a real browser."""
+
+import json
+import shutil
+import urllib.parse
+from pathlib import Path
+
+import jupytext
+import papermill
+import pytest
+
+from tests.test_runs import rest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+SEARCH = "notebook-test-search"
+
+
+def code_cells(notebook) -> list[str]:
+    return [c.source.strip() for c in notebook.cells if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("name", ["define_search", "analyze_search"])
+def test_notebook_pairs_are_in_sync(name):
+    paired = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
+    script = jupytext.read(NOTEBOOKS / f"{name}.py")
+    assert code_cells(paired) == code_cells(script), f"run: jupytext --sync notebooks/{name}.py"
+
+
+@pytest.fixture(scope="module")
+def notebook_search(tmp_path_factory, tracking_server, embedded_dir):
+    """The search notebook, executed with small parameters; its finished search is reused below."""
+    folder = tmp_path_factory.mktemp("notebooks")
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "define_search.ipynb"), str(folder / "define_search.out.ipynb"), kernel_name="python3",
+        parameters={"name": SEARCH, "num_samples": 2, "max_concurrent": 2, "finetune_steps": 2, "recovery_steps": 1,
+                    "languages": ["en", "de"], "tracking_uri": tracking_server, "storage": str(folder / "runs")},
+        cwd=str(folder), progress_bar=False)
+    return folder
+
+
+@pytest.mark.timeout(900)
+def test_define_search_notebook_runs_a_search(notebook_search, tracking_server):
+    executed = json.loads((notebook_search / "define_search.out.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
+    assert "MLflow parent run" in text and "algorithm" in text
+
+
+@pytest.mark.timeout(300)
+def test_analyze_notebook_reads_the_search_back(notebook_search, tracking_server, tmp_path):
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "analyze_search.ipynb"), str(tmp_path / "analyze.out.ipynb"), kernel_name="python3",
+        parameters={"name": SEARCH, "tracking_uri": tracking_server, "out_dir": str(tmp_path / "report")},
+        cwd=str(tmp_path), progress_bar=False)
+    written = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"trials.txt", "pareto.txt", "per_language.txt", "quality_vs_sparsity.png", "per_language.png"} <= written
+
+
+def _children(uri):
+    experiments = rest(uri, "/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]
+    runs = rest(uri, "/api/2.0/mlflow/runs/search", {
+        "experiment_ids": [e["experiment_id"] for e in experiments],
+        "filter": f"tags.`raysparse.search` = '{SEARCH}' and tags.`raysparse.kind` = 'trial'", "max_results": 50})
+    return runs["runs"]
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_ui_compare_view_shows_per_language_metrics(notebook_search, tracking_server):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    children = _children(tracking_server)
+    assert len(children) == 2
+    run_ids = [r["info"]["run_id"] for r in children]
+    experiment = children[0]["info"]["experiment_id"]
+    query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment])})
+    url = f"{tracking_server}/#/compare-runs?{query}"
+    SCREENSHOTS.mkdir(exist_ok=True)
+    shot = SCREENSHOTS / "mlflow_compare_runs.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1400})
+        page.goto(url, wait_until="networkidle", timeout=120_000)
+        page.get_by_text("xnli/de/accuracy").first.wait_for(timeout=90_000)
+        for child in children:
+            page.get_by_text(child["info"]["run_name"]).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(shot), full_page=True)
+        content = page.content()
+        browser.close()
+    assert "xnli/en/accuracy" in content and "xnli/avg/accuracy" in content
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
