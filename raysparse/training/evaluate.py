@@ -55,7 +55,7 @@ class EvaluationResult:
     plus ``<task>/avg/<metric>`` and ``<task>/worst/<metric>``; ``sources``: where each
     language's rows came from (file, whole or which part of a seeded split);
     ``examples``: rows scored per language (after ``max_examples``) and ``available``:
-    the held-out rows there were.
+    the held-out rows there were; ``masked_languages``: those scored under their own mask.
     """
 
     task: str
@@ -65,11 +65,15 @@ class EvaluationResult:
     examples: dict[str, int]
     available: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
-    masked: bool = False
+    masked_languages: list[str] = field(default_factory=list)
 
     @property
     def languages(self) -> list[str]:
         return list(self.per_language)
+
+    @property
+    def masked(self) -> bool:
+        return bool(self.masked_languages)
 
     @property
     def primary_metric(self) -> str:
@@ -106,7 +110,8 @@ class EvaluationResult:
                  for row in [header, *rows]]
         title = f"{self.task}: {len(self.per_language)} language{'s' if len(self.per_language) != 1 else ''}"
         if self.masked:
-            title += ", each under its own mask"
+            unmasked = [language for language in self.per_language if language not in self.masked_languages]
+            title += ", each under its own mask" + (f" (unmasked: {', '.join(unmasked)})" if unmasked else "")
         return "\n".join([title, *lines])
 
 
@@ -140,8 +145,10 @@ def evaluate(
 
     ``max_examples`` caps the rows scored per language (the first ones, so runs compare).
     ``seed`` and ``train_fraction`` must be those training used, so that no training row
-    is evaluated. ``masks`` maps every evaluated language to the Mask applied while that
-    language is scored. Retrieval prepends ``retrieval_prefix`` to every sentence.
+    is evaluated. ``masks`` maps languages to the Mask applied while that language is
+    scored; a language without one is scored unmasked (the table says which), masks of
+    languages not evaluated are ignored. Retrieval prepends ``retrieval_prefix`` to every
+    sentence.
     """
     task = get_task(task)
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -154,13 +161,7 @@ def evaluate(
     if languages is None:
         languages = available_languages(task, data_dir)
     data = evaluation_data(task, languages, seed, train_fraction, data_dir)
-    if masks is not None:
-        missing = [language for language in data if language not in masks]
-        if missing:
-            raise RaysparseError(
-                f"evaluate.masks: no mask for language(s) {', '.join(missing)} "
-                f"(masks given for: {', '.join(masks) or 'none'}; expected one per evaluated language)"
-            )
+    masks = dict(masks or {})
     say = print if verbose else (lambda *args, **kwargs: None)
     max_length = max_length or default_max_length(task)
     per_language: dict[str, dict[str, float]] = {}
@@ -177,7 +178,7 @@ def evaluate(
             if max_examples is not None and len(rows) > max_examples:
                 rows = rows.select(range(max_examples))
             examples[language] = len(rows)
-            mask = masks[language] if masks is not None else None
+            mask = masks.get(language)
             masked = apply_mask(model, mask) if mask is not None else contextlib.nullcontext()
             with masked, torch.inference_mode():
                 per_language[language] = _score(model, tokenizer, task, rows, language_data, data_dir=data_dir,
@@ -191,7 +192,7 @@ def evaluate(
         model.train(was_training)
     return EvaluationResult(task.name, per_language, aggregate(per_language, task.name),
                             {language: d.source for language, d in data.items()}, examples, available, seconds,
-                            masked=masks is not None)
+                            [language for language in data if language in masks])
 
 
 def check_head(model: nn.Module, task: str | Task) -> None:

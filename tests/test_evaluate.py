@@ -1,0 +1,105 @@
+"""Per-language evaluation of the embedded model (no fine-tuning), and `raysparse evaluate`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import raysparse
+from raysparse.cli import main
+from raysparse.data.load import languages
+from raysparse.training.evaluate import evaluate
+
+TATOEBA_PAIRS = 100  # per language: the first pairs of each file
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, two threads that wait on each
+    other run several times slower than one (measured: 5x under a load of 10)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder(embedded_dir):
+    return raysparse.load_model(str(embedded_dir))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_dir):
+    return raysparse.load_tokenizer(str(embedded_dir))
+
+
+@pytest.mark.timeout(600)
+def test_embedded_tatoeba_retrieval_without_finetuning(encoder, tokenizer, data_dir):
+    result = evaluate(encoder, tokenizer, "tatoeba", data_dir=data_dir, max_examples=TATOEBA_PAIRS)
+    print(result.table())
+    present = languages("tatoeba", data_dir)
+    assert result.languages == present and len(present) >= 20
+    assert result.average >= 0.7, result.table()
+    assert result.metrics["tatoeba/avg/accuracy"] == pytest.approx(
+        sum(scores["accuracy"] for scores in result.per_language.values()) / len(present))
+    assert result.metrics["tatoeba/worst/accuracy"] == min(s["accuracy"] for s in result.per_language.values())
+    assert all(result.examples[lang] == min(TATOEBA_PAIRS, result.available[lang]) for lang in present)
+    assert all("whole" in line for line in result.table().splitlines()[2:-2])
+    assert all(result.sources[lang].startswith(f"tatoeba/tatoeba.{lang}-eng.{lang}") for lang in present)
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_cli_prints_the_table(embedded_dir):
+    proc = subprocess.run([sys.executable, "-m", "raysparse.cli", "evaluate", "embedded", "--task", "tatoeba",
+                           "--languages", "de,fr", "--max-examples", "50"], capture_output=True, text=True, timeout=280,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    print(proc.stdout)
+    lines = proc.stdout.splitlines()
+    assert "tatoeba: 2 languages" in lines
+    table = {line.split()[0]: line.split() for line in lines if line[:3] in ("de ", "fr ", "avg", "wor")}
+    assert set(table) == {"de", "fr", "avg", "worst"}
+    assert table["de"][2:5] == ["50", "of", "1000"]
+    assert all(0.7 <= float(table[row][1]) <= 1.0 for row in ("de", "fr"))
+    assert "  tatoeba de: 50 examples" in proc.stdout  # progress lines
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--task", "nli"], "data.task: unknown task 'nli' (expected one of: xnli, pawsx,"),
+    (["--task", "tatoeba", "--languages", "de,xx"], "data.languages: task 'tatoeba' has no language 'xx' in"),
+    (["--task", "tatoeba", "--data-dir", "/nonexistent/xtreme"],
+     "data.dir: /nonexistent/xtreme is not a directory (expected XTREME data"),
+    (["--task", "xnli", "--languages", "de"], "evaluate.model: task 'xnli' needs a trained pair_classification head"),
+])
+@pytest.mark.timeout(120)
+def test_evaluate_cli_bad_input_is_one_line(argv, expected, capsys, embedded_dir):
+    assert main(["evaluate", "embedded", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert expected in lines[0]
+    if "languages" in expected:
+        assert "(available: af, ar," in lines[0]
+
+
+@pytest.mark.timeout(120)
+def test_bucc_mining_when_its_files_exist(encoder, tokenizer, tmp_path):
+    """BUCC is evaluated only where its files exist; a tiny corpus in the BUCC layout."""
+    folder = tmp_path / "xtreme" / "bucc2018"
+    folder.mkdir(parents=True)
+    german = ["Der Hund schläft im Garten.", "Ich trinke gern Kaffee am Morgen.", "Das Wetter ist heute schön.",
+              "Berlin ist die Hauptstadt von Deutschland.", "Mein Bruder spielt Fußball."]
+    english = ["I like to drink coffee in the morning.", "The dog is sleeping in the garden.",
+               "Berlin is the capital of Germany.", "Prices of electricity rose sharply.",
+               "The weather is nice today.", "She reads a book every week."]
+    (folder / "de-en.test.de").write_text("".join(f"de-{i}\t{s}\n" for i, s in enumerate(german)))
+    (folder / "de-en.test.en").write_text("".join(f"en-{i}\t{s}\n" for i, s in enumerate(english)))
+    (folder / "de-en.test.gold").write_text("de-0\ten-1\nde-1\ten-0\nde-2\ten-4\nde-3\ten-2\n")
+    result = evaluate(encoder, tokenizer, "bucc", data_dir=tmp_path / "xtreme")
+    print(result.table())
+    assert set(result.metrics) == {f"bucc/{lang}/{m}" for lang in ("de", "avg", "worst")
+                                   for m in ("f1", "precision", "recall")}
+    assert result.per_language["de"] == {"f1": 1.0, "precision": 1.0, "recall": 1.0}
