@@ -61,5 +61,9 @@ def ray_local():
     from raysparse.runner import ensure_ray
 
     ensure_ray(num_cpus=4)
+    # Subprocesses (CLI drivers, notebook kernels) join this cluster instead of starting a second
+    # one on the same machine: one Ray per machine, and a killed driver leaves the cluster up.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
+    os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()

@@ -28,7 +28,7 @@ def test_notebook_pairs_are_in_sync(name):
 
 
 @pytest.fixture(scope="module")
-def notebook_search(tmp_path_factory, tracking_server, embedded_dir):
+def notebook_search(tmp_path_factory, tracking_server, embedded_dir, ray_local):
     """The search notebook, executed with small parameters; its finished search is reused below."""
     folder = tmp_path_factory.mktemp("notebooks")
     papermill.execute_notebook(

@@ -69,7 +69,8 @@ def cli(*args, **kwargs):
 
 
 @pytest.mark.timeout(1500)
-def test_search_survives_a_killed_driver_and_tracks_every_trial_once(tmp_path, tracking_server, embedded_dir):
+def test_search_survives_a_killed_driver_and_tracks_every_trial_once(tmp_path, tracking_server, embedded_dir,
+                                                                     ray_local):
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(search_spec(tracking_server, tmp_path / "storage")))
     log = open(tmp_path / "first.log", "w")

@@ -152,5 +152,6 @@ class RunLogger:
             self._client.log_figure(self.run_id, figure, artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.active:
+        """End the run; a run that already finished keeps its status and end time."""
+        if self.active and self._client.get_run(self.run_id).info.status != "FINISHED":
             self._client.set_terminated(self.run_id, status=status)
