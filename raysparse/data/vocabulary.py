@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from raysparse.data.load import languages as available_languages
 from raysparse.data.load import load_split
 from raysparse.errors import RaysparseError, expect
-from raysparse.structure.vocab import vocabulary_for_texts
+from raysparse.structure.vocab import trim_vocabulary, vocabulary_for_texts
 
 VOCABULARY_SOURCES = ("tatoeba", "xnli")
 ENGLISH = "en"
@@ -55,8 +55,10 @@ def corpus_for_languages(languages: Sequence[str] | None = None, sources: Sequen
     languages' files (of all files when English is the only language asked for).
     """
     bad = [s for s in sources if s not in VOCABULARY_SOURCES]
-    expect(not bad and len(sources) > 0, f"vocabulary.sources: expected some of {VOCABULARY_SOURCES}, got {list(sources)}")
-    expect(max_sentences is None or max_sentences > 0, f"vocabulary.max_sentences: expected a positive number, got {max_sentences}")
+    expect(not bad and len(sources) > 0,
+           f"vocabulary.sources: expected some of {VOCABULARY_SOURCES}, got {list(sources)}")
+    expect(max_sentences is None or max_sentences > 0,
+           f"vocabulary.max_sentences: expected a positive number, got {max_sentences}")
     present = {source: _present(source, data_dir) for source in sources}
     everything = sorted(set().union(*present.values()))
     wanted = everything if languages is None else list(dict.fromkeys(languages))
@@ -90,4 +92,12 @@ def vocabulary_for_languages(tokenizer, languages: Sequence[str] | None = None,
     return vocabulary_for_texts(tokenizer, (text for texts in corpus.values() for text in texts), prefix)
 
 
-__all__ = ["VOCABULARY_SOURCES", "corpus_for_languages", "vocabulary_for_languages"]
+def trim_to_languages(model, tokenizer, languages: Sequence[str] | None = None,
+                      sources: Sequence[str] = VOCABULARY_SOURCES, max_sentences: int | None = None,
+                      prefix: str = "query: ", data_dir=None):
+    """Keep only the vocabulary ``languages`` use; the model shrinks in place. Returns (model, tokenizer)."""
+    kept = vocabulary_for_languages(tokenizer, languages, sources, max_sentences, prefix, data_dir)
+    return trim_vocabulary(model, tokenizer, kept)
+
+
+__all__ = ["VOCABULARY_SOURCES", "corpus_for_languages", "trim_to_languages", "vocabulary_for_languages"]

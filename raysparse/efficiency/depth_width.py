@@ -24,7 +24,7 @@ LAYER_CHOICES = ("top", "bottom", "alternate")
 
 
 def layers_to_drop(num_layers: int, count: int, which: str | list[int] = "top") -> list[int]:
-    """Which layers to drop: the last ``count`` ("top"), the first ("bottom"), every other from the top ("alternate")."""
+    """Layers to drop: the last ``count`` ("top"), the first ("bottom"), every other from the top ("alternate")."""
     if not isinstance(which, str):
         chosen = sorted(set(int(i) for i in which))
         expect(all(0 <= i < num_layers for i in chosen) and len(chosen) < num_layers,
@@ -63,10 +63,10 @@ class DepthWidthResult:
     def table(self) -> str:
         names = list(self.sizes)
         speedups = self.speedups()
+        removed = {n: (self.sizes["dense"].prunable_params - self.sizes[n].prunable_params) / 1e6 for n in names}
         rows = [("", *names),
                 ("encoder sparsity", *(f"{self.sizes[n].encoder_sparsity:.3f}" for n in names)),
-                ("removed prunable params", *(f"{(self.sizes['dense'].prunable_params - self.sizes[n].prunable_params) / 1e6:.2f}M"
-                                              for n in names)),
+                ("removed prunable params", *(f"{removed[n]:.2f}M" for n in names)),
                 ("total params", *(f"{self.sizes[n].total_params / 1e6:.2f}M" for n in names)),
                 ("layers / heads / neurons", *(f"{self.sizes[n].layers}/{self.sizes[n].heads}/{self.sizes[n].neurons}"
                                                for n in names)),

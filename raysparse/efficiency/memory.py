@@ -73,8 +73,8 @@ def disk_bytes(model: nn.Module) -> int:
 def resident_memory(folder: str | Path, batch_size: int = 8, sequence_length: int = 128,
                     threads: int | None = None, timeout: float = 600.0) -> ResidentMemory:
     """Resident memory of a fresh process that loads ``folder`` and runs one forward pass."""
-    command = [sys.executable, "-c", "import sys; from raysparse.efficiency.memory import main; sys.exit(main(sys.argv[1:]))",
-               str(folder), str(batch_size), str(sequence_length), str(threads or 0)]
+    child = "import sys; from raysparse.efficiency.memory import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", child, str(folder), str(batch_size), str(sequence_length), str(threads or 0)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)

@@ -137,19 +137,21 @@ class BenchReport:
                       f"GFLOPs/seq@{self.rows[0].sequence_length}", "RSS model", "RSS fwd")]
         base = next(iter(first.values()))
         for name, r in first.items():
-            size_rows.append((name, _millions(r.total_params), _millions(r.encoder_params), _millions(r.embedding_params),
-                              str(r.vocab_rows), _mb(r.param_bytes), _mb(r.disk_bytes),
+            size_rows.append((name, _millions(r.total_params), _millions(r.encoder_params),
+                              _millions(r.embedding_params), str(r.vocab_rows), _mb(r.param_bytes), _mb(r.disk_bytes),
                               f"{r.param_bytes / base.param_bytes:.3f}", f"{r.flops_per_sequence / 1e9:.2f}",
                               _mb(r.rss_model_bytes), _mb(r.rss_forward_bytes)))
         lines += ["", *_columns(size_rows)]
-        latency_rows = [("model", "device", "batch", "median ms", "p10-p90 ms", "speedup", "FLOP ratio", "speedup/FLOP ratio")]
+        latency_rows = [("model", "device", "batch", "median ms", "p10-p90 ms", "speedup", "FLOP ratio",
+                         "speedup/FLOP ratio")]
         for r in self.rows:
-            latency_rows.append((r.model, r.device, str(r.batch_size), f"{r.median_ms:.2f}", f"{r.p10_ms:.1f}-{r.p90_ms:.1f}",
-                                 f"{r.speedup:.2f}", f"{r.flop_ratio:.2f}", f"{r.speedup_per_flop_ratio:.2f}"))
+            latency_rows.append((r.model, r.device, str(r.batch_size), f"{r.median_ms:.2f}",
+                                 f"{r.p10_ms:.1f}-{r.p90_ms:.1f}", f"{r.speedup:.2f}", f"{r.flop_ratio:.2f}",
+                                 f"{r.speedup_per_flop_ratio:.2f}"))
         lines += ["", *_columns(latency_rows)]
         if base.memory_method:
-            lines += ["", f"RSS: resident memory a fresh process adds by holding the model / at its peak in one forward "
-                          f"pass at batch {max(r.batch_size for r in self.rows)} ({base.memory_method})"]
+            lines += ["", "RSS: resident memory a fresh process adds by holding the model / at its peak in one "
+                          f"forward pass at batch {max(r.batch_size for r in self.rows)} ({base.memory_method})"]
         return "\n".join(lines)
 
     def to_csv(self, path: str | Path) -> Path:
@@ -206,7 +208,8 @@ class BenchReport:
         if mlflow is None or mlflow.active_run() is None:
             return False
         r0 = self.rows[0]
-        params = {"bench/models": ",".join(self.models), "bench/batch_sizes": ",".join(str(b) for b in self.batch_sizes),
+        params = {"bench/models": ",".join(self.models),
+                  "bench/batch_sizes": ",".join(str(b) for b in self.batch_sizes),
                   "bench/sequence_length": r0.sequence_length, "bench/repeats": r0.repeats, "bench/warmup": r0.warmup,
                   "bench/threads": r0.threads, "bench/devices": ",".join(self.environment.get("devices", [])),
                   "bench/torch": r0.torch, "bench/dtypes": ",".join(self.environment.get("dtypes", []))}
@@ -219,7 +222,8 @@ class BenchReport:
             key = f"bench/{_metric_name(r.model)}"
             metrics.update({f"{key}/total_params": r.total_params, f"{key}/encoder_params": r.encoder_params,
                             f"{key}/embedding_params": r.embedding_params, f"{key}/param_bytes": r.param_bytes,
-                            f"{key}/flops_per_sequence": r.flops_per_sequence, f"{key}/encoder_sparsity": r.encoder_sparsity})
+                            f"{key}/flops_per_sequence": r.flops_per_sequence,
+                            f"{key}/encoder_sparsity": r.encoder_sparsity})
             if r.disk_bytes is not None:
                 metrics[f"{key}/disk_bytes"] = r.disk_bytes
             if r.rss_model_bytes is not None:
@@ -289,13 +293,14 @@ def check_settings(batch_sizes, sequence_length: int, repeats: int, warmup: int,
            f"bench.threads: expected a positive integer, got {threads!r}")
     for device in devices:
         expect(device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available()),
-               f"bench.devices: {device!r} is not available here (expected cpu{', cuda' if torch.cuda.is_available() else ''})")
+               f"bench.devices: {device!r} is not available here (expected one of {', '.join(default_devices())})")
 
 
 def _check_model(name: str, model: nn.Module, sequence_length: int) -> None:
     hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
-    expect(not hooked, f"bench: model {name!r} has forward hooks (at {hooked[0]!r}); masks do not speed anything up, "
-                       "so only physically shrunk models are timed (use raysparse.structure.shrink)")
+    if hooked:
+        raise RaysparseError(f"bench: model {name!r} has forward hooks (at {hooked[0]!r}); masks do not speed anything "
+                             "up, so only physically shrunk models are timed (use raysparse.structure.shrink)")
     config = Encoder(model).config
     limit = config.max_position_embeddings
     if config.model_type in POSITION_OFFSET_TYPES and config.pad_token_id is not None:
@@ -330,8 +335,12 @@ def bench(models: dict[str, nn.Module], batch_sizes=(1, 8), sequence_length: int
     for name, model in models.items():
         _check_model(name, model, sequence_length)
     sizes: dict[str, Size] = {name: measure(model, sequence_length) for name, model in models.items()}
-    footprints = {name: _footprint(model, max(batch_sizes), sequence_length, threads, memory) if disk else (None, None)
-                  for name, model in models.items()}
+    measured: dict[int, tuple] = {}          # one save (and one probe) per distinct module
+    for model in models.values():
+        if id(model) not in measured:
+            measured[id(model)] = (_footprint(model, max(batch_sizes), sequence_length, threads, memory)
+                                   if disk else (None, None))
+    footprints = {name: measured[id(model)] for name, model in models.items()}
     results = []
     try:
         for device in devices:

@@ -55,8 +55,8 @@ def _piece_ids(model_json: dict) -> dict[str, int]:
         return {piece: i for i, (piece, _) in enumerate(model_json["vocab"])}
     if kind == "WordPiece":
         return dict(model_json["vocab"])
-    raise RaysparseError(f"vocabulary: cannot trim a {kind} tokenizer (supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)}); "
-                         "BPE merges would need rewriting")
+    raise RaysparseError(f"vocabulary: cannot trim a {kind} tokenizer (supported: "
+                         f"{', '.join(SUPPORTED_TOKENIZER_MODELS)}); BPE merges would need rewriting")
 
 
 def _post_processor_ids(processor: dict | None) -> list[int]:
@@ -90,7 +90,8 @@ def required_ids(tokenizer) -> list[int]:
         scores = torch.tensor([score for _, score in model_json["vocab"]], dtype=torch.float64)
         ids.add(int(scores.argmin()))
         if model_json.get("byte_fallback"):
-            ids.update(i for piece, i in pieces.items() if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
+            ids.update(i for piece, i in pieces.items()
+                       if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
     elif model_json.get("unk_token") in pieces:
         ids.add(pieces[model_json["unk_token"]])
     return sorted(ids)
@@ -146,7 +147,7 @@ def vocabulary_mask(model: nn.Module, kept_ids: Iterable[int]) -> Mask:
     bad = [i for i in kept if not 0 <= i < len(rows)]
     expect(not bad, f"vocabulary: ids {bad[:5]} are outside the model's {len(rows)} embedding rows")
     mask = structure.to_mask()
-    mask.kept_vocab = torch.tensor([rows[i] for i in kept], dtype=torch.long)
+    mask.kept_vocab = torch.tensor([rows[i] for i in kept], dtype=torch.long).unique(sorted=True)
     return mask
 
 
@@ -204,7 +205,8 @@ def trim_tokenizer(tokenizer, kept_ids: Iterable[int]):
             if name != TOKENIZER_FILE and (folder / name).is_file():
                 (folder / name).unlink()
         trimmed = type(tokenizer).from_pretrained(folder, local_files_only=True)
-    expect(len(trimmed) == len(kept), f"vocabulary: the trimmed tokenizer has {len(trimmed)} tokens, expected {len(kept)}")
+    expect(len(trimmed) == len(kept),
+           f"vocabulary: the trimmed tokenizer has {len(trimmed)} tokens, expected {len(kept)}")
     return trimmed
 
 
