@@ -57,7 +57,7 @@ class PruningConfig(Strict):
     algorithm: str = "gradient"
     sparsity: float = 0.5
     setting: Literal["shared", "per-language"] = "shared"
-    schedule: Literal["one-shot", "iterative", "gradual"] = "one-shot"
+    schedule: Literal["one-shot", "iterative", "gradual", "dynamic"] = "one-shot"   # dynamic: see DynamicConfig
     iterations: int = Field(3, ge=1)            # iterative: rounds of prune-rescore
     scope: Literal["global", "per-layer"] = "global"
     normalize: Literal["l2", "none"] = "l2"
@@ -79,6 +79,39 @@ class RecoveryConfig(Strict):
     steps: int = Field(50, ge=0)
     learning_rate: float = Field(3e-5, gt=0)
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+
+
+class DynamicConfig(Strict):
+    """Dynamic Sparsification (``pruning.schedule: dynamic``): train once, evaluate every level of ``grid``.
+
+    After fine-tuning and scoring, heads and neurons are rewired by importance; then every
+    step trains the sub-networks of the largest and the smallest level of the grid plus
+    ``samples_per_step`` random others (sandwich rule), gradients accumulated, one
+    optimizer step. ``pruning.sparsity`` picks the level reported as the run's headline.
+    """
+
+    grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])
+    samples_per_step: int = Field(2, ge=0)      # random levels per step besides the largest and smallest
+    steps: int = Field(100, ge=0)               # training steps after rewiring
+    learning_rate: float = Field(3e-5, gt=0)
+    distill: bool = True                        # sub-networks learn from the full one (same step, detached)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)       # weight of the distillation loss against the task loss
+    match_sparsity: bool = False                # neurons absorb the head rounding (exact encoder sparsity)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_is_increasing_from_zero(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("expected at least one sparsity level")
+        for level in value:
+            if not 0.0 <= level < 1.0:
+                raise ValueError(f"expected numbers in [0, 1), got {level}")
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"expected increasing levels without repeats, got {value}")
+        if value[0] != 0.0:
+            raise ValueError(f"expected the full model (0) as the first level, got {value}")
+        return value
 
 
 class EfficiencyConfig(Strict):
@@ -115,6 +148,7 @@ class RunSpec(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    dynamic: DynamicConfig = Field(default_factory=DynamicConfig)   # used when pruning.schedule is dynamic
     efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -130,6 +164,12 @@ class RunSpec(Strict):
         if self.pruning.algorithm not in ALGORITHMS:
             raise ValueError(f"pruning.algorithm: unknown algorithm '{self.pruning.algorithm}' "
                              f"(expected one of: {', '.join(sorted(ALGORITHMS))})")
+        if self.pruning.schedule == "dynamic":
+            if self.pruning.setting != "shared":
+                raise ValueError("pruning.setting: the dynamic schedule trains one shared network (expected 'shared')")
+            if self.pruning.algorithm == "layerdrop" or self.pruning.drop_layers:
+                raise ValueError("pruning.algorithm: the dynamic schedule orders heads and neurons, not layers "
+                                 "(expected a head/neuron algorithm and drop_layers 0)")
         return self
 
 

@@ -1,0 +1,105 @@
+"""Benchmark: Ray Train's overhead on a fine-tune, against a plain PyTorch loop.
+
+The same fine-tune (XNLI, the embedded e5-small, same batches, same threads) runs as a
+plain loop in this process and through a TorchTrainer with 1 worker, side by side in
+one session. Steady-state steps per second are measured inside each loop after warm-up
+steps; the TorchTrainer's fixed start-up (placement, worker start, model load) is
+reported separately. Target: steady-state overhead within 10%.
+
+    .venv/bin/python experiments/bench/train_overhead.py [--steps 30] [--warmup 5] [--threads 1]
+"""
+
+import argparse
+import time
+
+import torch
+
+from raysparse.config import parse, RunSpec
+
+
+def spec_for(args) -> RunSpec:
+    return parse(RunSpec, {"data": {"task": "xnli", "languages": ["en"], "max_train_examples": 256, "max_length": 64},
+                           "finetune": {"steps": args.steps + args.warmup, "batch_size": 16}})
+
+
+def timed_steps(model, data, rows, optimizer, steps: int, warmup: int) -> float:
+    """Steps per second over ``steps`` steps after ``warmup`` steps."""
+    model.train()
+    for step in range(warmup + steps):
+        if step == warmup:
+            started = time.perf_counter()
+        loss = data.loss(model, data.batch(rows, step, 16))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return steps / (time.perf_counter() - started)
+
+
+def plain(args) -> float:
+    import raysparse
+    from raysparse.training.batches import build_task_model
+    from raysparse.training.taskdata import TaskData
+
+    torch.set_num_threads(args.threads)
+    spec = spec_for(args)
+    tokenizer = raysparse.load_tokenizer("embedded")
+    model = build_task_model(raysparse.load_model("embedded"), "xnli")
+    data = TaskData(spec, tokenizer)
+    rows = data.pool(["en"])
+    return timed_steps(model, data, rows, torch.optim.AdamW(model.parameters(), lr=3e-5), args.steps, args.warmup)
+
+
+def worker(config: dict) -> None:
+    import ray.train
+
+    import raysparse
+    from raysparse.training.batches import build_task_model
+    from raysparse.training.taskdata import TaskData
+
+    torch.set_num_threads(config["threads"])
+    spec = RunSpec.model_validate(config["spec"])
+    tokenizer = raysparse.load_tokenizer("embedded")
+    model = build_task_model(raysparse.load_model("embedded"), "xnli")
+    model = ray.train.torch.prepare_model(model, parallel_strategy=None)
+    data = TaskData(spec, tokenizer)
+    rows = data.pool(["en"])
+    ready = time.time()
+    rate = timed_steps(model, data, rows, torch.optim.AdamW(model.parameters(), lr=3e-5), config["steps"],
+                       config["warmup"])
+    ray.train.report({"steps_per_second": rate, "ready_at": ready})
+
+
+def through_ray(args) -> tuple[float, float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raysparse.runner import ensure_ray
+
+    ensure_ray()
+    started = time.time()
+    trainer = TorchTrainer(worker, train_loop_config={"spec": spec_for(args).model_dump(), "threads": args.threads,
+                                                      "steps": args.steps, "warmup": args.warmup},
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.threads}),
+                           run_config=RunConfig(name=f"bench-overhead-{int(started)}", storage_path="/tmp/raysparse-bench"))
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    return metrics.get("steps_per_second", float("nan")), metrics.get("ready_at", float("nan")) - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    plain_rate = plain(args)
+    ray_rate, startup = through_ray(args)
+    second_plain = plain(args)   # plain again, so drift of the machine shows up
+    base = (plain_rate + second_plain) / 2
+    print(f"plain loop: {plain_rate:.3f} and {second_plain:.3f} steps/s (threads {args.threads}, batch 16, length 64)")
+    print(f"TorchTrainer, 1 worker: {ray_rate:.3f} steps/s; fixed start-up before the first step {startup:.1f} s")
+    print(f"steady-state overhead: {(base / ray_rate - 1) * 100:+.1f}% (target within 10%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""Dynamic Sparsification from the driver: one run, the whole quality-vs-sparsity curve.
+
+- :func:`run_dynamic`: a spec with ``pruning.schedule: dynamic`` on Ray Train (what
+  ``raysparse run`` does for such a spec), returned as a curve.
+- :func:`dynamic_trainable`: the same as a Ray Tune function trainable (Train V2
+  pattern: it fits a ``TorchTrainer`` whose reports reach Tune through
+  ``TuneReportCallback``); the trial's result holds every level (``level/<s>/...``).
+- :func:`compare_with_separate_runs`: the same grid pruned as separate runs (fine-tune,
+  prune, recover at each level), side by side with DS; ``raysparse run SPEC --compare``.
+- :func:`shrink_checkpoint`: one size sliced out of a DS checkpoint; ``raysparse shrink``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raysparse.config import RunSpec, parse
+from raysparse.errors import RaysparseError
+from raysparse.runner import RunResult, as_spec
+from raysparse.training.dynamic import curve_plot, curve_table, level_key, split_curve
+
+
+def dynamic_spec(spec: RunSpec | dict | str | Path) -> RunSpec:
+    """``spec`` validated, with ``pruning.schedule: dynamic``."""
+    data = as_spec(spec).model_dump()
+    data["pruning"]["schedule"] = "dynamic"
+    return parse(RunSpec, data)
+
+
+@dataclass
+class DynamicResult:
+    """The curve of one DS run: ``curve[level]`` holds that level's keys (``<task>/<lang>/<metric>``,
+    ``encoder_sparsity``, ``params/total``, ``bytes``, ``latency/b1_ms``, ...)."""
+
+    spec: RunSpec
+    run: RunResult
+    curve: dict[float, dict[str, float]]
+    seconds: float = 0.0
+
+    @property
+    def grid(self) -> list[float]:
+        return list(self.spec.dynamic.grid)
+
+    @property
+    def task(self) -> str:
+        return self.spec.data.task
+
+    @property
+    def metric(self) -> str:
+        from raysparse.data.tasks import get_task
+
+        return get_task(self.task).primary_metric
+
+    def quality(self, level: float, language: str = "avg") -> float:
+        return self.curve[level][f"{self.task}/{language}/{self.metric}"]
+
+    def table(self) -> str:
+        return curve_table(self.run.metrics, self.grid, self.task, self.metric, self.run.languages.get("evaluation"))
+
+    def plot(self, path: str | Path) -> Path:
+        figure = curve_plot(self.run.metrics, self.grid, self.task, self.metric)
+        figure.savefig(path, dpi=120)
+        return Path(path)
+
+
+def run_dynamic(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: bool = True) -> DynamicResult:
+    """Fine-tune, score, rewire, train every size at once, evaluate every level; tracked in MLflow.
+
+    Resumes like any run (same spec -> same MLflow run and checkpoints).
+    """
+    from raysparse.runner import run
+
+    spec = dynamic_spec(spec)
+    started = time.time()
+    result = run(spec, address=address, verbose=verbose)
+    return DynamicResult(spec, result, split_curve(result.metrics, spec.dynamic.grid), time.time() - started)
+
+
+def _apply_overrides(spec: dict, overrides: dict[str, Any]) -> dict:
+    for path, value in overrides.items():
+        section = spec
+        *parents, last = path.split(".")
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[last] = value
+    return spec
+
+
+def dynamic_trainable(config: dict) -> None:
+    """A Ray Tune function trainable: one run (a DS run for a dynamic spec) on Ray Train.
+
+    ``config``: ``spec`` (a RunSpec dict), optional ``tracking_uri`` and ``parent_run_id``
+    (MLflow), and any dotted spec paths to override (``{"dynamic.steps": 50}``), so a
+    Tune ``param_space`` can vary them. Every Train report reaches Tune; the last holds
+    the whole curve (``level/<s>/<task>/<lang>/<metric>``, ``level/<s>/params/total``, ...).
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raysparse.errors import first_line
+    from raysparse.runner import preflight, storage_path, trainer_for
+    from raysparse.tracking.runs import RunLogger, open_run, spec_key
+    from raysparse.tracking.server import resolve_tracking_uri
+
+    data = json.loads(json.dumps(config.get("spec") or {}))
+    overrides = {k: v for k, v in config.items() if k not in ("spec", "tracking_uri", "parent_run_id")}
+    spec = parse(RunSpec, _apply_overrides(data, overrides))
+    languages = preflight(spec)
+    key = spec_key(spec.model_dump())
+    uri = resolve_tracking_uri(config.get("tracking_uri") or spec.tracking.uri)
+    run_id, _ = open_run(uri, spec.tracking.experiment, key, spec.name,
+                         params={**spec.model_dump(), "languages": languages},
+                         tags={"raysparse.kind": "trial", "raysparse.task": spec.data.task,
+                               "raysparse.algorithm": spec.pruning.algorithm,
+                               "raysparse.schedule": spec.pruning.schedule},
+                         parent_run_id=config.get("parent_run_id"))
+    trainer = trainer_for(spec, languages, uri, run_id, storage_path(spec.storage), f"{spec.name}-{key}",
+                          callbacks=[TuneReportCallback()])
+    logger = RunLogger(uri, run_id)
+    try:
+        trainer.fit()
+    except Exception as exc:
+        logger.finish("FAILED")
+        raise RuntimeError(f"run {spec.name} failed: {first_line(exc)}") from exc
+    logger.finish("FINISHED")
+
+
+# --- comparison: the same grid as separate runs ---------------------------------------------------------
+
+
+def separate_spec(spec: RunSpec, level: float) -> RunSpec:
+    """The normal run at ``level`` that matches a DS spec: same data, fine-tuning and steps;
+    one-shot pruning to ``level``; recovery as long as DS training (distilled when DS distils)."""
+    data = spec.model_dump()
+    dyn = spec.dynamic
+    data["name"] = f"{spec.name}-separate-{level_key(level)}"
+    data["pruning"].update({"schedule": "one-shot", "sparsity": level})
+    data["recovery"].update({"steps": dyn.steps, "learning_rate": dyn.learning_rate})
+    data["recovery"]["distillation"].update({"enabled": dyn.distill, "temperature": dyn.temperature,
+                                             "alpha": dyn.alpha})
+    return parse(RunSpec, data)
+
+
+@dataclass
+class Comparison:
+    """DS (one run) against separate runs at every level of the same grid."""
+
+    task: str
+    metric: str
+    grid: list[float]
+    dynamic: DynamicResult
+    separate: dict[float, RunResult]
+    separate_seconds: dict[float, float] = field(default_factory=dict)
+
+    def quality(self, level: float, language: str = "avg") -> tuple[float, float]:
+        """(DS, separate) quality at ``level``."""
+        key = f"{self.task}/{language}/{self.metric}"
+        return self.dynamic.curve[level].get(key, float("nan")), self.separate[level].metrics.get(key, float("nan"))
+
+    @property
+    def time_ratio(self) -> float:
+        """Wall time of the DS run / the sum of the separate runs."""
+        return self.dynamic.seconds / max(sum(self.separate_seconds.values()), 1e-9)
+
+    def mean_difference(self, max_level: float = 0.5) -> float:
+        """Mean of (separate - DS) avg quality in points over levels <= ``max_level`` (positive: DS is worse)."""
+        diffs = [100 * (sep - ds) for level in self.grid if level <= max_level + 1e-9
+                 for ds, sep in [self.quality(level)]]
+        return sum(diffs) / len(diffs) if diffs else float("nan")
+
+    def rows(self) -> list[dict]:
+        out = []
+        for level in self.grid:
+            ds, sep = self.quality(level)
+            out.append({"level": level,
+                        "ds_encoder_sparsity": self.dynamic.curve[level].get("encoder_sparsity"),
+                        "separate_encoder_sparsity": self.separate[level].metrics.get("encoder_sparsity"),
+                        "ds": ds, "separate": sep, "difference_points": 100 * (ds - sep),
+                        "separate_seconds": self.separate_seconds.get(level)})
+        return out
+
+    def table(self) -> str:
+        lines = [f"{self.task} avg {self.metric}: one DS run vs a separate run per level",
+                 f"{'level':>5}  {'DS sparsity':>11}  {'sep sparsity':>12}  {'DS':>6}  {'separate':>8}  "
+                 f"{'DS-sep (pts)':>12}  {'sep seconds':>11}"]
+        def number(value) -> float:
+            return float("nan") if value is None else value
+
+        for row in self.rows():
+            lines.append(f"{level_key(row['level']):>5}  {number(row['ds_encoder_sparsity']):11.3f}  "
+                         f"{number(row['separate_encoder_sparsity']):12.3f}  {row['ds']:6.3f}  "
+                         f"{row['separate']:8.3f}  {row['difference_points']:+12.1f}  "
+                         f"{number(row['separate_seconds']):11.0f}")
+        total = sum(self.separate_seconds.values())
+        lines.append(f"wall time: DS {self.dynamic.seconds:.0f}s, separate runs {total:.0f}s in all, "
+                     f"ratio {self.time_ratio:.3f}")
+        lines.append(f"mean quality gap over levels <= 0.5 (separate - DS): {self.mean_difference():+.2f} points")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path | None = None):
+        """Both curves (avg, and each language thin) against encoder sparsity."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(6, 4))
+        rows = self.rows()
+        axis.plot([r["ds_encoder_sparsity"] for r in rows], [r["ds"] for r in rows], "o-", lw=2.5, color="#4c72b0",
+                  label="DS (one run)")
+        axis.plot([r["separate_encoder_sparsity"] for r in rows], [r["separate"] for r in rows], "s--", lw=2,
+                  color="#c44e52", label="separate runs")
+        axis.set_xlabel("encoder sparsity")
+        axis.set_ylabel(f"avg {self.metric}")
+        axis.set_title(f"{self.task}: Dynamic Sparsification vs separate runs")
+        axis.legend()
+        figure.tight_layout()
+        if path is not None:
+            figure.savefig(path, dpi=120)
+        return figure
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "metric": self.metric, "grid": self.grid, "rows": self.rows(),
+                "dynamic_seconds": self.dynamic.seconds, "time_ratio": self.time_ratio,
+                "mean_difference_points": self.mean_difference()}
+
+
+def compare_with_separate_runs(spec: RunSpec | dict | str | Path, address: str | None = None,
+                               levels: list[float] | None = None, verbose: bool = True,
+                               dynamic: DynamicResult | None = None) -> Comparison:
+    """One DS run and one separate run (fine-tune, prune, recover) per level of its grid.
+
+    Every run is a full run on Ray Train, tracked in MLflow; the comparison (table, plot,
+    JSON) is also logged to the DS run under ``compare/``.
+    """
+    from raysparse.data.tasks import get_task
+    from raysparse.runner import run
+    from raysparse.tracking.runs import RunLogger
+
+    spec = dynamic_spec(spec)
+    grid = list(spec.dynamic.grid)
+    levels = grid if levels is None else sorted(levels)
+    unknown = [level for level in levels if level not in grid]
+    if unknown:
+        raise RaysparseError(f"compare.levels: {unknown} not in dynamic.grid {grid}")
+    if dynamic is None:
+        dynamic = run_dynamic(spec, address=address, verbose=verbose)
+    separate, seconds = {}, {}
+    for level in levels:
+        started = time.time()
+        separate[level] = run(separate_spec(spec, level), address=address, verbose=False)
+        seconds[level] = time.time() - started
+        if verbose:
+            value = separate[level].metrics.get(f"{spec.data.task}/avg/{get_task(spec.data.task).primary_metric}")
+            print(f"[compare] separate run at {level_key(level)}: avg {value:.3f} ({seconds[level]:.0f}s)", flush=True)
+    task = get_task(spec.data.task)
+    comparison = Comparison(task.name, task.primary_metric, levels, dynamic, separate, seconds)
+    log = RunLogger(dynamic.run.tracking_uri, dynamic.run.run_id)
+    if log.active:
+        log.text(comparison.table(), "compare/table.txt")
+        log.json(comparison.to_dict(), "compare/comparison.json")
+        log.figure(comparison.plot(), "compare/curve.png")
+        log.metrics({"compare/time_ratio": comparison.time_ratio,
+                     "compare/mean_difference_points": comparison.mean_difference()})
+    if verbose:
+        print(comparison.table())
+    return comparison
+
+
+# --- one size out of a DS checkpoint -----------------------------------------------------------------
+
+
+@dataclass
+class ShrinkResult:
+    out_dir: Path
+    full: Any    # raysparse.structure.Size
+    shrunk: Any
+    sparsity: float
+
+    def table(self) -> str:
+        from raysparse.standalone import _millions
+
+        rows = [("encoder sparsity", f"{self.full.encoder_sparsity:.3f}", f"{self.shrunk.encoder_sparsity:.3f}"),
+                ("parameters", _millions(self.full.total_params), _millions(self.shrunk.total_params)),
+                ("  encoder", _millions(self.full.encoder_params), _millions(self.shrunk.encoder_params)),
+                ("heads / neurons", f"{self.full.heads} / {self.full.neurons}",
+                 f"{self.shrunk.heads} / {self.shrunk.neurons}"),
+                ("bytes", f"{self.full.bytes / 1e6:.1f} MB", f"{self.shrunk.bytes / 1e6:.1f} MB"),
+                (f"GFLOPs/seq@{self.full.sequence_length}", f"{self.full.flops_per_sequence / 1e9:.2f}",
+                 f"{self.shrunk.flops_per_sequence / 1e9:.2f}")]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{'':{width}}  {'checkpoint':>12}  {f'level {self.sparsity:g}':>12}"]
+        lines += [f"{name:{width}}  {a:>12}  {b:>12}" for name, a, b in rows]
+        lines.append(f"\nsaved to {self.out_dir} (load with raysparse.load_model('{self.out_dir}'))")
+        return "\n".join(lines)
+
+
+def shrink_checkpoint(model_dir: str | Path, sparsity: float, out: str | Path,
+                      match_sparsity: bool | None = None) -> ShrinkResult:
+    """Slice the prefix at ``sparsity`` out of a DS checkpoint and save it (tokenizer included)."""
+    from raysparse.structure import load_dynamic, measure, shrink_to
+    from raysparse.structure.rewire import save_dynamic
+
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise RaysparseError(f"shrink.sparsity: expected a number in [0, 1), got {sparsity!r}")
+    model = load_dynamic(model_dir)
+    full = measure(model)
+    shrink_to(model, sparsity, match_sparsity)
+    tokenizer = None
+    if any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from raysparse.models.sources import load_tokenizer
+
+        tokenizer = load_tokenizer(str(model_dir))
+    out_dir = save_dynamic(model, out, tokenizer)
+    return ShrinkResult(Path(out_dir), full, measure(model), float(sparsity))
+
+
+__all__ = ["Comparison", "DynamicResult", "ShrinkResult", "compare_with_separate_runs", "dynamic_spec",
+           "dynamic_trainable", "run_dynamic", "separate_spec", "shrink_checkpoint"]
