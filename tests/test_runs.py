@@ -76,7 +76,7 @@ def test_per_language_iterative_run_end_to_end(ray_local, tracking_server, tmp_p
 
 def check_run(spec, result, tracking_server, tmp_path):
     """What the MLflow server returns over REST for a finished run, and its reloaded shrunk model."""
-    setting, schedule = spec["pruning"]["setting"], spec["pruning"].get("schedule", "one-shot")
+    setting, schedule = spec["pruning"].get("setting", "shared"), spec["pruning"].get("schedule", "one-shot")
     key = spec_key(raysparse.runner.as_spec(spec).model_dump())
     runs = runs_with_key(tracking_server, key)
     assert len(runs) == 1, "exactly one MLflow run per experiment"
