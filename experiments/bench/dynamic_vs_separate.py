@@ -10,7 +10,7 @@ Prints, per level, the encoder sparsity each side reached and its average qualit
   - the mean quality gap (separate - DS) over levels <= 0.5 (target: within 2 points).
 Ray is started before any timing, so neither side pays for it; models are not logged on either side.
 
-    .venv/bin/python experiments/bench/dynamic_vs_separate.py                 # defaults: ~15 min on 2 cores
+    .venv/bin/python experiments/bench/dynamic_vs_separate.py                 # defaults: about 20 min on 2 shared cores
     .venv/bin/python experiments/bench/dynamic_vs_separate.py --levels 10 --steps 40 --finetune-steps 20
 """
 

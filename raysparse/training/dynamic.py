@@ -189,16 +189,11 @@ class DynamicRun(Run):
         self.report()
 
     def _loss_and_outputs(self, batch) -> tuple[torch.Tensor, dict]:
-        from raysparse.training.batches import model_device, to_device
-        from raysparse.training.distill import as_outputs
-        from raysparse.training.retrieval import info_nce
+        """One forward (DDP allows one per backward): the task loss and the outputs distillation needs."""
+        from raysparse.training.distill import forward_outputs
 
-        outputs = as_outputs(self.ddp(**to_device(batch, model_device(self.model))))
-        if self.task.kind == "retrieval":          # sources, then their translations (as TaskData batches them)
-            embeddings = outputs["embeddings"]
-            half = len(embeddings) // 2
-            return info_nce(embeddings[:half], embeddings[half:]), outputs
-        return outputs["loss"], outputs
+        outputs = forward_outputs(self.ddp, batch)
+        return self.data.loss_of(outputs), outputs
 
     def _train_every_size(self, steps: int, optimizer, scheduler) -> None:
         from raysparse.training.distill import distillation_loss
