@@ -24,6 +24,38 @@ def _to_original(model: nn.Module, head_rows: list[torch.Tensor], neuron_rows: l
     return UnitScores(heads, neurons)
 
 
+def mean_gate_gradients(model: nn.Module, gates: UnitGates, targets: list[torch.Tensor], batches, loss_fn,
+                        max_batches: int | None, what: str) -> list[torch.Tensor]:
+    """Mean |dL/dgate| of each tensor in ``targets`` over ``batches`` (first-order Taylor scores).
+
+    Weights are frozen and dropout is off while scoring; both are restored afterwards.
+    """
+    sums = [torch.zeros_like(t) for t in targets]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with attach_gates(model, gates):
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                grads = torch.autograd.grad(loss_fn(model, batch), targets, allow_unused=True)
+                for total, grad in zip(sums, grads):
+                    if grad is not None:
+                        total += grad.abs()
+                seen += 1
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if seen == 0:
+        raise RaysparseError(f"pruning.data: {what} received no batches")
+    return [total / seen for total in sums]
+
+
 @register
 class GradientImportance(Importance):
     """Michel et al. (2019): mean |dL/dgate| over batches, a gate on every head and neuron."""
@@ -48,36 +80,10 @@ class GradientImportance(Importance):
         gates = UnitGates([r.to(device).requires_grad_() for r in head_rows],
                           [r.to(device).requires_grad_() for r in neuron_rows],
                           None if layer_rows is None else layer_rows.to(device))
-        head_sum = [torch.zeros_like(g) for g in gates.heads]
-        neuron_sum = [torch.zeros_like(g) for g in gates.neurons]
-        frozen = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        was_training = model.training
-        model.eval()
-        seen = 0
-        try:
-            with attach_gates(model, gates):
-                for batch in batches:
-                    if self.max_batches is not None and seen >= self.max_batches:
-                        break
-                    loss = loss_fn(model, batch)
-                    grads = torch.autograd.grad(loss, [*gates.heads, *gates.neurons], allow_unused=True)
-                    n = len(gates.heads)
-                    for i, g in enumerate(grads[:n]):
-                        if g is not None:
-                            head_sum[i] += g.abs()
-                    for i, g in enumerate(grads[n:]):
-                        if g is not None:
-                            neuron_sum[i] += g.abs()
-                    seen += 1
-        finally:
-            for p, flag in frozen:
-                p.requires_grad_(flag)
-            model.train(was_training)
-        if seen == 0:
-            raise RaysparseError("pruning.data: gradient importance received no batches")
-        scores = _to_original(model, [s / seen for s in head_sum], [s / seen for s in neuron_sum])
+        means = mean_gate_gradients(model, gates, [*gates.heads, *gates.neurons], batches, loss_fn,
+                                    self.max_batches, "gradient importance")
+        head_sum, neuron_sum = means[: len(gates.heads)], means[len(gates.heads):]
+        scores = _to_original(model, head_sum, neuron_sum)
         return exclude_removed(scores, mask)
 
 

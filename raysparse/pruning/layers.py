@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from raysparse.errors import RaysparseError, expect
+from raysparse.pruning.algorithms import mean_gate_gradients
 from raysparse.pruning.registry import Importance, exclude_removed, register
 from raysparse.pruning.scores import UnitScores
 from raysparse.pruning.selection import check_sparsity
-from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, encoder_sparsity_of, structure_of
+from raysparse.structure import Encoder, Mask, UnitGates, encoder_sparsity_of, structure_of
 from raysparse.structure.shrink import mask_rows_for
 
 BY = ("position", "gradient")
@@ -110,31 +111,11 @@ class LayerDropImportance(Importance):
                               layers.to(device).requires_grad_())
         else:
             gates = UnitGates(layers=torch.ones(len(enc.layers), device=device, requires_grad=True))
-        total = torch.zeros(len(enc.layers), device=device)
-        frozen = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        was_training = model.training
-        model.eval()
-        seen = 0
-        try:
-            with attach_gates(model, gates):
-                for batch in batches:
-                    if self.max_batches is not None and seen >= self.max_batches:
-                        break
-                    (grad,) = torch.autograd.grad(loss_fn(model, batch), [gates.layers], allow_unused=True)
-                    if grad is not None:
-                        total += grad.abs()
-                    seen += 1
-        finally:
-            for p, flag in frozen:
-                p.requires_grad_(flag)
-            model.train(was_training)
-        if seen == 0:
-            raise RaysparseError("pruning.data: layerdrop by gradient received no batches")
+        (mean,) = mean_gate_gradients(model, gates, [gates.layers], batches, loss_fn, self.max_batches,
+                                      "layerdrop by gradient")
         structure = structure_of(model)
         out = torch.full((structure.shape[0],), float("-inf"))
-        out[structure.layers] = (total / seen).detach().float().cpu()
+        out[structure.layers] = mean.detach().float().cpu()
         return out
 
     def score(self, model, batches=None, loss_fn=None, mask=None) -> UnitScores:
