@@ -100,9 +100,8 @@ def dynamic_trainable(config: dict) -> None:
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysparse.errors import first_line
-    from raysparse.runner import preflight, storage_path, trainer_for
-    from raysparse.tracking.runs import RunLogger, open_run, spec_key
+    from raysparse.runner import fit_tracked, preflight, run_params, run_tags, storage_path, trainer_for
+    from raysparse.tracking.runs import open_run, spec_key
     from raysparse.tracking.server import resolve_tracking_uri
 
     data = json.loads(json.dumps(config.get("spec") or {}))
@@ -111,21 +110,11 @@ def dynamic_trainable(config: dict) -> None:
     languages = preflight(spec)
     key = spec_key(spec.model_dump())
     uri = resolve_tracking_uri(config.get("tracking_uri") or spec.tracking.uri)
-    run_id, _ = open_run(uri, spec.tracking.experiment, key, spec.name,
-                         params={**spec.model_dump(), "languages": languages},
-                         tags={"raysparse.kind": "trial", "raysparse.task": spec.data.task,
-                               "raysparse.algorithm": spec.pruning.algorithm,
-                               "raysparse.schedule": spec.pruning.schedule},
-                         parent_run_id=config.get("parent_run_id"))
+    run_id, _ = open_run(uri, spec.tracking.experiment, key, spec.name, params=run_params(spec, languages),
+                         tags=run_tags(spec, "trial"), parent_run_id=config.get("parent_run_id"))
     trainer = trainer_for(spec, languages, uri, run_id, storage_path(spec.storage), f"{spec.name}-{key}",
                           callbacks=[TuneReportCallback()])
-    logger = RunLogger(uri, run_id)
-    try:
-        trainer.fit()
-    except Exception as exc:
-        logger.finish("FAILED")
-        raise RuntimeError(f"run {spec.name} failed: {first_line(exc)}") from exc
-    logger.finish("FINISHED")
+    fit_tracked(trainer, uri, run_id, f"run {spec.name}", error=RuntimeError)
 
 
 # --- comparison: the same grid as separate runs ---------------------------------------------------------

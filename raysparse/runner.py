@@ -134,13 +134,40 @@ def trainer_for(spec: RunSpec, languages: dict, tracking_uri: str | None, run_id
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(), "languages": languages, "tracking_uri": tracking_uri,
-                           "run_id": run_id, "threads": max(1, int(resources.cpus_per_worker))},
+                           "run_id": run_id, "threads": max(1, round(resources.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
+
+
+def run_params(spec: RunSpec, languages: dict) -> dict:
+    """What MLflow records of a run's configuration (flattened to dotted keys by open_run)."""
+    return {**spec.model_dump(), "languages": languages}
+
+
+def run_tags(spec: RunSpec, kind: str, **extra: str) -> dict[str, str]:
+    """Tags the MLflow UI filters on: what kind of run, which task, algorithm, setting, schedule."""
+    p = spec.pruning
+    return {"raysparse.kind": kind, "raysparse.task": spec.data.task, "raysparse.algorithm": p.algorithm,
+            "raysparse.setting": p.setting, "raysparse.schedule": p.schedule, **extra}
+
+
+def fit_tracked(trainer, tracking_uri: str, run_id: str, what: str, hint: str = "",
+                error: type[Exception] = RaysparseError):
+    """Fit ``trainer``; the MLflow run ends FINISHED or FAILED with it (checkpoints stay for a retry)."""
+    from raysparse.tracking.runs import RunLogger
+
+    logger = RunLogger(tracking_uri, run_id)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        logger.finish("FAILED")
+        raise error(f"{what} failed: {first_line(exc)}{hint}") from exc
+    logger.finish("FINISHED")
+    return result
 
 
 def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: bool = True) -> RunResult:
@@ -153,25 +180,14 @@ def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: 
     key = spec_key(spec.model_dump())
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     run_id, resumed = open_run(tracking_uri, spec.tracking.experiment, key, spec.name,
-                               params={**spec.model_dump(), "languages": languages},
-                               tags={"raysparse.kind": "run", "raysparse.task": spec.data.task,
-                                     "raysparse.algorithm": spec.pruning.algorithm,
-                                     "raysparse.setting": spec.pruning.setting})
+                               params=run_params(spec, languages), tags=run_tags(spec, "run"))
     storage = storage_path(spec.storage)
     if verbose:
         print(f"run {spec.name}: {'resuming' if resumed else 'starting'}; MLflow {tracking_uri} run {run_id}; "
               f"storage {storage}", flush=True)
     ensure_ray(address)
     trainer = trainer_for(spec, languages, tracking_uri, run_id, storage, f"{spec.name}-{key}")
-    from raysparse.tracking.runs import RunLogger
-
-    logger = RunLogger(tracking_uri, run_id)
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        logger.finish("FAILED")
-        raise RaysparseError(f"run {spec.name} failed: {first_line(exc)} (rerun the same spec to resume)") from exc
-    logger.finish("FINISHED")
+    result = fit_tracked(trainer, tracking_uri, run_id, f"run {spec.name}", hint=" (rerun the same spec to resume)")
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     out = RunResult(spec.name, metrics, run_id, tracking_uri, storage, languages)
     if verbose:
@@ -187,4 +203,5 @@ def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: 
     return out
 
 
-__all__ = ["RunResult", "as_spec", "ensure_ray", "flatten", "preflight", "resolve_languages", "run", "trainer_for"]
+__all__ = ["RunResult", "as_spec", "ensure_ray", "fit_tracked", "flatten", "preflight", "resolve_languages", "run",
+           "run_params", "run_tags", "trainer_for"]

@@ -42,6 +42,18 @@ def embedded_model(embedded_dir):
     return raysparse.load_model(str(embedded_dir))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, two threads that wait on each
+    other run several times slower than one (measured: 5x under a load of 10)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tracking_server(tmp_path_factory):
     """A real MLflow server (SQLite, served artifacts) on 127.0.0.1 for the whole session."""

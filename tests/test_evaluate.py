@@ -7,24 +7,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import raysparse
 from raysparse.cli import main
 from raysparse.data.load import languages
 from raysparse.training.evaluate import evaluate
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TATOEBA_PAIRS = 100  # per language: the first pairs of each file
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads that wait on each
-    other run several times slower than one (measured: 5x under a load of 10)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +23,9 @@ def encoder(embedded_dir):
     return raysparse.load_model(str(embedded_dir))
 
 
-@pytest.fixture(scope="module")
-def tokenizer(embedded_dir):
-    return raysparse.load_tokenizer(str(embedded_dir))
-
-
 @pytest.mark.timeout(600)
-def test_embedded_tatoeba_retrieval_without_finetuning(encoder, tokenizer, data_dir):
-    result = evaluate(encoder, tokenizer, "tatoeba", data_dir=data_dir, max_examples=TATOEBA_PAIRS)
+def test_embedded_tatoeba_retrieval_without_finetuning(encoder, embedded_tokenizer, data_dir):
+    result = evaluate(encoder, embedded_tokenizer, "tatoeba", data_dir=data_dir, max_examples=TATOEBA_PAIRS)
     print(result.table())
     present = languages("tatoeba", data_dir)
     assert result.languages == present and len(present) >= 20
@@ -86,7 +72,7 @@ def test_evaluate_cli_bad_input_is_one_line(argv, expected, capsys, embedded_dir
 
 
 @pytest.mark.timeout(120)
-def test_bucc_mining_when_its_files_exist(encoder, tokenizer, tmp_path):
+def test_bucc_mining_when_its_files_exist(encoder, embedded_tokenizer, tmp_path):
     """BUCC is evaluated only where its files exist; a tiny corpus in the BUCC layout."""
     folder = tmp_path / "xtreme" / "bucc2018"
     folder.mkdir(parents=True)
@@ -98,7 +84,7 @@ def test_bucc_mining_when_its_files_exist(encoder, tokenizer, tmp_path):
     (folder / "de-en.test.de").write_text("".join(f"de-{i}\t{s}\n" for i, s in enumerate(german)))
     (folder / "de-en.test.en").write_text("".join(f"en-{i}\t{s}\n" for i, s in enumerate(english)))
     (folder / "de-en.test.gold").write_text("de-0\ten-1\nde-1\ten-0\nde-2\ten-4\nde-3\ten-2\n")
-    result = evaluate(encoder, tokenizer, "bucc", data_dir=tmp_path / "xtreme")
+    result = evaluate(encoder, embedded_tokenizer, "bucc", data_dir=tmp_path / "xtreme")
     print(result.table())
     assert set(result.metrics) == {f"bucc/{lang}/{m}" for lang in ("de", "avg", "worst")
                                    for m in ("f1", "precision", "recall")}

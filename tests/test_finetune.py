@@ -26,36 +26,23 @@ from raysparse.training.batches import build_task_model, task_features, task_loa
 from raysparse.training.evaluate import evaluate
 from raysparse.training.finetune import finetune, freeze_word_embeddings, make_optimizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SEED, FRACTION = 0, 0.5
 XNLI_LANGUAGES = ["de", "es", "ru"]
 XNLI_EXAMPLES = 200  # held-out rows scored per language
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads that wait on each
-    other run several times slower than one (measured: 5x under a load of 10)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tokenizer(embedded_dir):
-    return raysparse.load_tokenizer(str(embedded_dir))
-
-
-@pytest.fixture(scope="module")
-def xnli(embedded_dir, tokenizer, data_dir):
+def xnli(embedded_dir, embedded_tokenizer, data_dir):
     """The embedded encoder fine-tuned on 512 English XNLI rows (32 steps of 16, length 64)."""
     model = build_task_model(raysparse.load_model(str(embedded_dir)), "xnli", seed=SEED)
     freeze_word_embeddings(model)
     english = training_data("xnli", "zero-shot", XNLI_LANGUAGES, SEED, FRACTION, data_dir)
     rows = english.rows().shuffle(seed=SEED).select(range(512))
-    loader = task_loader("xnli", tokenizer, rows, 16, max_length=64, seed=SEED)
+    loader = task_loader("xnli", embedded_tokenizer, rows, 16, max_length=64, seed=SEED)
     losses = finetune(model, loader, steps=32, learning_rate=1e-4, warmup_ratio=0.1, seed=SEED, log_every=8)
-    result = evaluate(model, tokenizer, "xnli", XNLI_LANGUAGES, data_dir=data_dir, max_examples=XNLI_EXAMPLES,
+    result = evaluate(model, embedded_tokenizer, "xnli", XNLI_LANGUAGES, data_dir=data_dir, max_examples=XNLI_EXAMPLES,
                       seed=SEED, train_fraction=FRACTION)
     print(result.table())
     return model, losses, result
@@ -82,9 +69,9 @@ def test_xnli_zero_shot_beats_majority(xnli, data_dir):
 
 
 @pytest.mark.timeout(300)
-def test_saved_task_model_reloads_to_the_same_numbers(xnli, tokenizer, tmp_path, data_dir, capsys):
+def test_saved_task_model_reloads_to_the_same_numbers(xnli, embedded_tokenizer, tmp_path, data_dir, capsys):
     model, _, result = xnli
-    folder = save_pruned(model, tmp_path / "xnli-model", tokenizer)
+    folder = save_pruned(model, tmp_path / "xnli-model", embedded_tokenizer)
     reloaded = raysparse.load_model(str(folder))
     assert isinstance(reloaded, TaskModel) and reloaded.kind == "pair_classification" and reloaded.num_labels == 3
     again = evaluate(reloaded, raysparse.load_tokenizer(str(folder)), "xnli", ["de"], data_dir=data_dir,
@@ -97,7 +84,7 @@ def test_saved_task_model_reloads_to_the_same_numbers(xnli, tokenizer, tmp_path,
 
 
 @pytest.mark.timeout(300)
-def test_per_language_masks_change_the_evaluation(xnli, tokenizer, data_dir):
+def test_per_language_masks_change_the_evaluation(xnli, embedded_tokenizer, data_dir):
     model, _, result = xnli
     generator = torch.Generator().manual_seed(SEED)
     masks = {}
@@ -106,29 +93,29 @@ def test_per_language_masks_change_the_evaluation(xnli, tokenizer, data_dir):
         mask.kept_heads = torch.rand(mask.kept_heads.shape, generator=generator) > 0.5
         mask.kept_neurons = torch.rand(mask.kept_neurons.shape, generator=generator) > 0.5
         masks[language] = mask
-    masked = evaluate(model, tokenizer, "xnli", ["de", "es"], data_dir=data_dir, max_examples=XNLI_EXAMPLES,
+    masked = evaluate(model, embedded_tokenizer, "xnli", ["de", "es"], data_dir=data_dir, max_examples=XNLI_EXAMPLES,
                       seed=SEED, train_fraction=FRACTION, masks=masks)
     print(masked.table())
     assert masked.masked and "each under its own mask" in masked.table()
     assert any(masked.per_language[lang] != result.per_language[lang] for lang in ("de", "es"))
     encoder = Encoder(model)  # the masks' hooks are gone afterwards
     assert not any(encoder.attention_output(layer)._forward_pre_hooks for layer in encoder.layers)
-    partly = evaluate(model, tokenizer, "xnli", ["de", "ru"], data_dir=data_dir, max_examples=4, masks=masks)
+    partly = evaluate(model, embedded_tokenizer, "xnli", ["de", "ru"], data_dir=data_dir, max_examples=4, masks=masks)
     assert partly.masked_languages == ["de"] and "(unmasked: ru)" in partly.table()  # the es mask is not used
 
 
 @pytest.mark.timeout(300)
-def test_panx_tagging_smoke(embedded_dir, tokenizer, data_dir):
+def test_panx_tagging_smoke(embedded_dir, embedded_tokenizer, data_dir):
     model = build_task_model(raysparse.load_model(str(embedded_dir)), "panx")
     assert (model.kind, model.num_labels) == ("tagging", 7)
     freeze_word_embeddings(model)
     english = training_data("panx", "zero-shot", ["de"], SEED, FRACTION, data_dir)
     assert "train-en" in english.sources()["en"]
     rows = english.rows().shuffle(seed=SEED).select(range(48))
-    losses = finetune(model, task_loader("panx", tokenizer, rows, 8, max_length=64), steps=6, learning_rate=1e-4,
+    losses = finetune(model, task_loader("panx", embedded_tokenizer, rows, 8, max_length=64), steps=6, learning_rate=1e-4,
                       log_every=3)
     assert all(math.isfinite(loss) for loss in losses)
-    result = evaluate(model, tokenizer, "panx", ["en", "de"], data_dir=data_dir, max_examples=24, max_length=64)
+    result = evaluate(model, embedded_tokenizer, "panx", ["en", "de"], data_dir=data_dir, max_examples=24, max_length=64)
     print(result.table())
     assert set(result.metrics) == {f"panx/{lang}/{metric}" for lang in ("en", "de", "avg", "worst")
                                    for metric in ("f1", "precision", "recall")}
@@ -137,15 +124,15 @@ def test_panx_tagging_smoke(embedded_dir, tokenizer, data_dir):
 
 
 @pytest.mark.timeout(300)
-def test_mlqa_qa_smoke(embedded_dir, tokenizer, data_dir):
+def test_mlqa_qa_smoke(embedded_dir, embedded_tokenizer, data_dir):
     model = build_task_model(raysparse.load_model(str(embedded_dir)), "mlqa")
     assert (model.kind, model.num_labels) == ("qa", 0)
     freeze_word_embeddings(model)
     rows = training_data("mlqa", "zero-shot", ["de"], SEED, FRACTION, data_dir).rows().select(range(12))
-    loader = task_loader("mlqa", tokenizer, rows, 4, max_length=192, stride=64)
+    loader = task_loader("mlqa", embedded_tokenizer, rows, 4, max_length=192, stride=64)
     losses = finetune(model, loader, steps=4, learning_rate=1e-4, log_every=2)
     assert all(math.isfinite(loss) for loss in losses)
-    result = evaluate(model, tokenizer, "mlqa", ["en", "de"], data_dir=data_dir, max_examples=8, max_length=192,
+    result = evaluate(model, embedded_tokenizer, "mlqa", ["en", "de"], data_dir=data_dir, max_examples=8, max_length=192,
                       stride=64)
     print(result.table())
     assert set(result.metrics) == {f"mlqa/{lang}/{metric}" for lang in ("en", "de", "avg", "worst")
@@ -156,28 +143,28 @@ def test_mlqa_qa_smoke(embedded_dir, tokenizer, data_dir):
 # --- building blocks --------------------------------------------------------------------------------
 
 
-def test_loader_pads_shards_and_is_seeded(tokenizer, data_dir):
+def test_loader_pads_shards_and_is_seeded(embedded_tokenizer, data_dir):
     rows = training_data("panx", "zero-shot", ["en"], SEED, FRACTION, data_dir).rows().select(range(20))
-    features = task_features("panx", tokenizer, rows, max_length=32)
-    batch = next(iter(task_loader("panx", tokenizer, rows, 5, max_length=32, shuffle=False)))
+    features = task_features("panx", embedded_tokenizer, rows, max_length=32)
+    batch = next(iter(task_loader("panx", embedded_tokenizer, rows, 5, max_length=32, shuffle=False)))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     padded = batch["attention_mask"] == 0
-    assert (batch["input_ids"][padded] == tokenizer.pad_token_id).all()
+    assert (batch["input_ids"][padded] == embedded_tokenizer.pad_token_id).all()
     assert (batch["labels"][padded] == IGNORE_INDEX).all()
     assert batch["input_ids"][0, : len(features[0]["input_ids"])].tolist() == features[0]["input_ids"]
 
     def order(**kwargs):
-        loader = task_loader("panx", tokenizer, rows, 4, max_length=32, **kwargs)
+        loader = task_loader("panx", embedded_tokenizer, rows, 4, max_length=32, **kwargs)
         return [tuple(ids.tolist()) for batch in loader for ids in batch["input_ids"]]
 
     assert order(seed=1) == order(seed=1) != order(seed=2)
     shards = [order(seed=1, rank=rank, world_size=2) for rank in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 10 and not set(shards[0]) & set(shards[1])
     with pytest.raises(RaysparseError, match="rank 2 of world_size 2"):
-        task_loader("panx", tokenizer, rows, 4, rank=2, world_size=2)
+        task_loader("panx", embedded_tokenizer, rows, 4, rank=2, world_size=2)
     with pytest.raises(RaysparseError, match="retrieval task"):
-        task_features("tatoeba", tokenizer, rows)
+        task_features("tatoeba", embedded_tokenizer, rows)
 
 
 def test_build_task_model_and_optimizer(embedded_dir):

@@ -84,7 +84,8 @@ def test_mlflow_ui_compare_view_shows_per_language_metrics(notebook_search, trac
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1600, "height": 1400})
-        page.goto(url, wait_until="networkidle", timeout=120_000)
+        # The UI keeps polling the server, so "networkidle" may never come: wait for the content instead.
+        page.goto(url, wait_until="domcontentloaded", timeout=120_000)
         page.get_by_text("xnli/de/accuracy").first.wait_for(timeout=90_000)
         for child in children:
             page.get_by_text(child["info"]["run_name"]).first.wait_for(timeout=30_000)

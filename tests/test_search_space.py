@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from raysparse.errors import RaysparseError
-from raysparse.search import SearchSpec, check_search, define_by_run, dominates, pareto_front
+from raysparse.search import check_search, define_by_run, dominates, pareto_front
 from raysparse.search.driver import as_search_spec
 
 BASE = {"data": {"task": "xnli", "languages": ["en", "de"]}}

@@ -37,7 +37,7 @@ def main() -> None:
     result = depth_vs_width(model, tokenizer, args.removed_layers, layers=args.layers, pairs=pairs,
                             batch_sizes=[int(b) for b in args.batch_sizes.split(",")], sequence_length=args.seq_len,
                             repeats=args.repeats, threads=args.threads)
-    print(f"environment: {{**environment(), 'threads': args.threads}}")
+    print(f"environment: { {**environment(), 'threads': args.threads} }")
     print(f"depth: dropped layers {result.dropped_layers}; width: {result.masks['width'].summary()}")
     print(f"Tatoeba: {len(pairs)} languages x {args.pairs} pairs, no recovery training")
     print(result.table())

@@ -115,27 +115,41 @@ def read_pair_tsv(path: str | Path, label_names: Sequence[str]) -> list[Sentence
 
 # --- tagging (PAN-X, UD) --------------------------------------------------------------
 
+def read_blocks(path: str | Path) -> Iterator[list[tuple[int, str]]]:
+    """The blank-line separated blocks of a file, each as ``(line number, text)`` pairs."""
+    block: list[tuple[int, str]] = []
+    for number, line in read_lines(path):
+        if line.strip():
+            block.append((number, line))
+        elif block:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _sentences(path: Path, word_of) -> list[TaggedSentence]:
+    """Tagged sentences, one per block; ``word_of(number, line)`` gives ``(token, tag)`` or None to skip."""
+    sentences = []
+    for block in read_blocks(path):
+        words = [word for word in (word_of(number, line) for number, line in block) if word is not None]
+        if words:
+            tokens, tags = zip(*words)
+            sentences.append(TaggedSentence(tuple(tokens), tuple(tags)))
+    return sentences
+
+
 def read_token_tag_blocks(path: str | Path, tag_names: Sequence[str]) -> list[TaggedSentence]:
     """PAN-X: ``token<TAB>tag`` per line, a blank line between sentences."""
-    path = Path(path)
-    tag_names = list(tag_names)
-    sentences: list[TaggedSentence] = []
-    tokens: list[str] = []
-    tags: list[int] = []
-    for number, line in read_lines(path):
-        if not line.strip():
-            if tokens:
-                sentences.append(TaggedSentence(tuple(tokens), tuple(tags)))
-                tokens, tags = [], []
-            continue
+    path, tag_names = Path(path), list(tag_names)
+
+    def word_of(number: int, line: str) -> tuple[str, int]:
         fields = line.split("\t")
         if len(fields) != 2 or not fields[0]:
             _fail(path, number, f"expected 'token<TAB>tag' (2 fields, a non-empty token), found {len(fields)} field(s)")
-        tokens.append(fields[0])
-        tags.append(_label_index(path, number, "tag", fields[1].strip(), tag_names))
-    if tokens:
-        sentences.append(TaggedSentence(tuple(tokens), tuple(tags)))
-    return sentences
+        return fields[0], _label_index(path, number, "tag", fields[1].strip(), tag_names)
+
+    return _sentences(path, word_of)
 
 
 def read_conllu(path: str | Path, upos_names: Sequence[str]) -> list[TaggedSentence]:
@@ -144,32 +158,22 @@ def read_conllu(path: str | Path, upos_names: Sequence[str]) -> list[TaggedSente
     Multiword-token range lines (``1-2``) and empty nodes (``1.1``) are skipped, as XTREME
     does, so tokens are the syntactic words UD annotates.
     """
-    path = Path(path)
-    upos_names = list(upos_names)
-    sentences: list[TaggedSentence] = []
-    tokens: list[str] = []
-    tags: list[int] = []
-    for number, line in read_lines(path):
-        if not line.strip():
-            if tokens:
-                sentences.append(TaggedSentence(tuple(tokens), tuple(tags)))
-                tokens, tags = [], []
-            continue
+    path, upos_names = Path(path), list(upos_names)
+
+    def word_of(number: int, line: str) -> tuple[str, int] | None:
         if line.startswith("#"):
-            continue
+            return None
         fields = line.split("\t")
         if len(fields) != 10:
             _fail(path, number, f"expected 10 tab-separated CoNLL-U fields (ID FORM LEMMA UPOS ...), found {len(fields)}")
         word_id = fields[0]
         if not word_id.isdigit():
             if "-" in word_id or "." in word_id:
-                continue  # a multiword token range or an empty node
+                return None  # a multiword token range or an empty node
             _fail(path, number, f"ID '{word_id}' is not a word index, range (1-2) or empty node (1.1)")
-        tokens.append(fields[1])
-        tags.append(_label_index(path, number, "UPOS", fields[3], upos_names))
-    if tokens:
-        sentences.append(TaggedSentence(tuple(tokens), tuple(tags)))
-    return sentences
+        return fields[1], _label_index(path, number, "UPOS", fields[3], upos_names)
+
+    return _sentences(path, word_of)
 
 
 # --- extractive QA (XQuAD, MLQA, TyDiQA-GoldP) ---------------------------------------

@@ -45,6 +45,11 @@ def _xnli(language: str, limit: int | None, data_dir) -> list[str]:
     return _head(premises, limit) + _head(list(rows["sentence2"]), limit)
 
 
+def languages_with_text(sources: Sequence[str] = VOCABULARY_SOURCES, data_dir=None) -> list[str]:
+    """Languages some vocabulary source has text for (English included where Tatoeba is present)."""
+    return sorted(set().union(*(_present(source, data_dir) for source in sources)))
+
+
 def corpus_for_languages(languages: Sequence[str] | None = None, sources: Sequence[str] = VOCABULARY_SOURCES,
                          max_sentences: int | None = None, data_dir=None) -> dict[str, list[str]]:
     """{language: sentences} from ``sources``; ``None`` = every language present (English included).
@@ -100,4 +105,4 @@ def trim_to_languages(model, tokenizer, languages: Sequence[str] | None = None,
     return trim_vocabulary(model, tokenizer, kept)
 
 
-__all__ = ["VOCABULARY_SOURCES", "corpus_for_languages", "trim_to_languages", "vocabulary_for_languages"]
+__all__ = ["VOCABULARY_SOURCES", "corpus_for_languages", "languages_with_text", "trim_to_languages", "vocabulary_for_languages"]

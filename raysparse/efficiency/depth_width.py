@@ -75,8 +75,8 @@ class DepthWidthResult:
         for batch in dict.fromkeys(r.batch_size for r in self.latency):
             by_name = {r.name: r for r in self.latency if r.batch_size == batch}
             rows.append((f"median ms @ batch {batch}", *(f"{by_name[n].median_ms:.1f}" for n in names)))
-            rows.append((f"  p10-p90", *(f"{by_name[n].p10_ms:.1f}-{by_name[n].p90_ms:.1f}" for n in names)))
-            rows.append((f"  speedup", *(f"{speedups[(n, batch)]:.2f}" for n in names)))
+            rows.append(("  p10-p90", *(f"{by_name[n].p10_ms:.1f}-{by_name[n].p90_ms:.1f}" for n in names)))
+            rows.append(("  speedup", *(f"{speedups[(n, batch)]:.2f}" for n in names)))
         for key in ("tatoeba/avg/accuracy", "tatoeba/worst/accuracy"):
             if all(key in self.quality.get(n, {}) for n in names):
                 rows.append((key, *(f"{self.quality[n][key]:.3f}" for n in names)))

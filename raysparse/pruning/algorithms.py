@@ -8,7 +8,7 @@ from torch import nn
 from raysparse.errors import RaysparseError
 from raysparse.pruning.registry import Importance, exclude_removed, register
 from raysparse.pruning.scores import UnitScores
-from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, structure_of
+from raysparse.structure import Encoder, UnitGates, attach_gates, structure_of
 from raysparse.structure.shrink import mask_rows_for
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from raysparse.config import load_spec, parse
-from raysparse.errors import RaysparseError, first_line
+from raysparse.errors import RaysparseError
 from raysparse.search.pareto import format_table, pareto_front, pareto_plot, quality_vs_sparsity_plot
 from raysparse.search.space import define_by_run
 from raysparse.search.spec import SearchSpec, check_search

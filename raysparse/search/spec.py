@@ -37,6 +37,14 @@ class SearchSpec(Strict):
     storage: str | None = None
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_grid(cls, data: Any) -> Any:
+        """``grid:`` (a study's axes) becomes fixed trials and choice parameters (raysparse.search.grid)."""
+        from raysparse.search.grid import expand_into
+
+        return expand_into(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _consistent(self) -> "SearchSpec":
         if self.scheduler.type == "asha" and len(self.objectives) > 1:
@@ -93,4 +101,15 @@ def check_search(spec: SearchSpec) -> RunSpec:
         unknown = [path for path in fixed if path not in spec.space]
         if unknown:
             raise RaysparseError(f"trials[{index}]: {unknown} are not parameters of the space")
+        _check_trial(base, fixed, index)
     return base
+
+
+def _check_trial(base: RunSpec, fixed: dict[str, Any], index: int) -> None:
+    """A fixed trial (a grid point) must make a valid run spec as a whole, not just value by value."""
+    from raysparse.search.space import trial_spec
+
+    try:
+        trial_spec(base.model_dump(), fixed)
+    except RaysparseError as exc:
+        raise RaysparseError(f"trials[{index}] {fixed}: {exc}") from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from raysparse.config import RunSpec
-from raysparse.errors import first_line
 
 
 def trial_run_name(spec: RunSpec, trial_id: str) -> str:
@@ -25,9 +24,9 @@ def run_trial(config: dict[str, Any], base: dict, search: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysparse.runner import preflight, trainer_for
+    from raysparse.runner import fit_tracked, preflight, run_params, run_tags, trainer_for
     from raysparse.search.space import trial_spec
-    from raysparse.tracking.runs import RunLogger, open_run, spec_key
+    from raysparse.tracking.runs import open_run, spec_key
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -37,20 +36,12 @@ def run_trial(config: dict[str, Any], base: dict, search: dict) -> None:
     name = trial_run_name(spec, trial_id)
     key = spec_key({"search": search["name"], "search_key": search["key"], "trial": trial_id})
     uri = search["tracking_uri"]
-    run_id, _ = open_run(uri, search["experiment"], key, name,
-                         params={**spec.model_dump(), "languages": languages},
-                         tags={"raysparse.kind": "trial", "raysparse.search": search["name"],
-                               "raysparse.search_run_id": search["parent_run_id"], "raysparse.trial_id": trial_id,
-                               "raysparse.algorithm": spec.pruning.algorithm,
-                               "raysparse.setting": spec.pruning.setting,
-                               "raysparse.sampled": ", ".join(f"{k}={v}" for k, v in params.items())},
+    run_id, _ = open_run(uri, search["experiment"], key, name, params=run_params(spec, languages),
+                         tags=run_tags(spec, "trial", **{
+                             "raysparse.search": search["name"], "raysparse.search_run_id": search["parent_run_id"],
+                             "raysparse.trial_id": trial_id,
+                             "raysparse.sampled": ", ".join(f"{k}={v}" for k, v in params.items())}),
                          parent_run_id=search["parent_run_id"])
     trainer = trainer_for(spec, languages, uri, run_id, search["storage"], f"{search['name']}-{trial_id}",
                           callbacks=[TuneReportCallback()])
-    logger = RunLogger(uri, run_id)
-    try:
-        trainer.fit()
-    except Exception as exc:
-        logger.finish("FAILED")
-        raise RuntimeError(f"trial {name} failed: {first_line(exc)}") from exc
-    logger.finish("FINISHED")
+    fit_tracked(trainer, uri, run_id, f"trial {name}", error=RuntimeError)

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from raysparse.errors import RaysparseError, first_line
+from raysparse.errors import RaysparseError
 from raysparse.structure.adapters import Encoder
 from raysparse.structure.shrink import Structure, select_units, source_config, structure_of
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, measure, prefix_mask, rewire, shrink_to
 from raysparse.structure.rewire import dynamic_info, mark, save_dynamic
+from raysparse.training.finalize import stage_costs
 from raysparse.training.state import STAGES, load_optimizer
 from raysparse.training.worker import SHARED, Progress, Run
 
@@ -310,7 +311,7 @@ def finalize_curve(run: DynamicRun) -> dict:
         plain[f"latency/pruned/b{batch}_ms"] = top[f"latency/b{batch}_ms"]
         plain[f"speedup/b{batch}"] = top[f"speedup/b{batch}"]
     metrics.update(plain)
-    log.metrics(plain)
+    log.metrics({**plain, **stage_costs(run)})
 
     everything = {**run.state.metrics, **metrics}
     task, metric = run.task.name, run.task.primary_metric

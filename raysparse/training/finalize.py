@@ -33,6 +33,39 @@ def quality_plot(metrics: dict, task: str, metric: str):
     return figure
 
 
+def stage_costs(run) -> dict[str, float]:
+    """Wall and CPU seconds per stage so far (``cost/<stage>/{wall,cpu}_s``), for the run's record."""
+    return {k: v for k, v in run.state.metrics.items() if k.startswith("cost/")}
+
+
+def vocabulary_languages(run) -> list[str]:
+    """The languages whose text decides the kept vocabulary: every evaluation and training
+    language plus English, as far as the local Tatoeba and XNLI text covers them."""
+    from raysparse.data.vocabulary import languages_with_text
+
+    present = set(languages_with_text(data_dir=run.spec.data.dir))
+    wanted = {"en", *run.languages.get("evaluation", []), *run.languages.get("finetune", []),
+              *run.languages.get("scoring", [])}
+    return sorted(wanted & present)
+
+
+def trim_shrunk_vocabulary(run, shrunk: dict) -> tuple[object, int]:
+    """``efficiency.trim_vocabulary``: keep the embedding rows the run's languages use (in place).
+
+    Quality was measured before trimming; on text whose pieces were all kept the trimmed
+    model computes exactly what the untrimmed one does (raysparse.structure.vocab).
+    Returns the trimmed tokenizer and the number of rows kept.
+    """
+    from raysparse.data.vocabulary import vocabulary_for_languages
+    from raysparse.structure.vocab import trim_vocabulary
+
+    kept = vocabulary_for_languages(run.tokenizer, vocabulary_languages(run), data_dir=run.spec.data.dir)
+    tokenizer = run.tokenizer
+    for key, model in shrunk.items():
+        _, tokenizer = trim_vocabulary(model, run.tokenizer, kept)
+    return tokenizer, len(tokenizer)
+
+
 def finalize(run) -> dict:
     """Shrink a copy per mask, measure size and latency, save the model(s) and log everything."""
     from raysparse.efficiency import measure_latency, median_speedups
@@ -42,6 +75,10 @@ def finalize(run) -> dict:
     metrics: dict[str, float] = {}
     dense_size = measure(run.model.encoder, length)
     shrunk = {key: shrink(copy.deepcopy(run.model).eval(), mask) for key, mask in run.state.masks.items()}
+    tokenizer = run.tokenizer
+    if spec.efficiency.trim_vocabulary:
+        tokenizer, vocab_rows = trim_shrunk_vocabulary(run, shrunk)
+        metrics["vocab_rows"] = vocab_rows
     sizes = {key: measure(model.encoder, length) for key, model in shrunk.items()}
     first = sorted(shrunk)[0]
     size = sizes[first]
@@ -62,7 +99,7 @@ def finalize(run) -> dict:
         for (name, batch), speedup in median_speedups(results, "dense").items():
             if name == "pruned":
                 metrics[f"speedup/b{batch}"] = speedup
-    log.metrics(metrics)
+    log.metrics({**metrics, **stage_costs(run)})
     with tempfile.TemporaryDirectory(prefix="raysparse-final-") as folder:
         folder = Path(folder)
         (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
@@ -89,7 +126,7 @@ def finalize(run) -> dict:
         log.figure(quality_plot(quality, run.task.name, run.task.primary_metric), "results/per_language.png")
         keep = {"all": sorted(shrunk), "one": [first], "none": []}[spec.tracking.log_models]
         for key in keep:
-            model_dir = save_pruned(shrunk[key], folder / "model" / key, tokenizer=run.tokenizer,
+            model_dir = save_pruned(shrunk[key], folder / "model" / key, tokenizer=tokenizer,
                                     extra={"mask": key, "task": run.task.name, "run": spec.name})
             log.artifact(model_dir, f"model/{key}")
     return metrics

@@ -25,6 +25,7 @@ from raysparse.errors import RaysparseError
 from raysparse.pruning import Selection, UnitScores, cubic_sparsity, get_algorithm, select_mask
 from raysparse.structure import Encoder, Mask, UnitGates, attach_gates
 from raysparse.structure.shrink import mask_rows_for
+from raysparse.training.finetune import freeze_word_embeddings
 from raysparse.training.state import STAGES, RunState, load_optimizer, load_weights, save_optimizer, save_weights
 from raysparse.training.taskdata import TaskData
 
@@ -86,6 +87,8 @@ class Run:
         self.tokenizer = raysparse.load_tokenizer(self.spec.model.source)
         encoder = raysparse.load_model(self.spec.model.source)
         self.model = build_task_model(encoder, self.task, seed=self.spec.seed)
+        if self.spec.finetune.freeze_word_embeddings:
+            freeze_word_embeddings(self.model)
         self.data = TaskData(self.spec, self.tokenizer, self.rank, self.world_size)
         self.algorithm = build_algorithm(self.spec)
         self.selection = Selection(self.spec.pruning.scope, self.spec.pruning.normalize, self.spec.pruning.round_to)
@@ -94,6 +97,7 @@ class Run:
         self.checkpoint_dir: Path | None = None
         self.reported = False
         self._restore()
+        self._clock = (self.state.stage, time.time(), time.process_time())
         self.ddp = self._wrap(self.model)
 
     # --- checkpoints --------------------------------------------------------------------
@@ -127,6 +131,7 @@ class Run:
         import ray.train
 
         self.reported = True
+        self._charge_time()
         values = {"stage_index": float(STAGES.index(self.state.stage)), "stage_step": float(self.state.step)}
         values.update(self.state.metrics)
         values.update(metrics or {})
@@ -145,6 +150,19 @@ class Run:
             if optimizer is not None:
                 save_optimizer(optimizer, scheduler, folder / "optimizer.pt")
             ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+
+    def _charge_time(self) -> None:
+        """Add the wall and CPU seconds since the last report to the stage they were spent in.
+
+        ``cost/<stage>/cpu_s`` counts every thread of this worker, so it is the CPU work a
+        stage took whatever the machine's load; checkpoints carry it across restarts.
+        """
+        stage, wall, cpu = self._clock
+        now, now_cpu = time.time(), time.process_time()
+        metrics = self.state.metrics
+        metrics[f"cost/{stage}/wall_s"] = metrics.get(f"cost/{stage}/wall_s", 0.0) + now - wall
+        metrics[f"cost/{stage}/cpu_s"] = metrics.get(f"cost/{stage}/cpu_s", 0.0) + now_cpu - cpu
+        self._clock = (self.state.stage, now, now_cpu)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """Move to this worker's device; wrap in DDP when there are several workers."""
@@ -386,7 +404,7 @@ def build_algorithm(spec: RunSpec):
 
     from raysparse.pruning import ALGORITHMS
 
-    options = dict(spec.pruning.options)
+    options = {k: v for k, v in spec.pruning.options.items() if v is not None}   # null: the method's default
     accepted = inspect.signature(ALGORITHMS[spec.pruning.algorithm].__init__).parameters
     if "seed" in accepted:
         options.setdefault("seed", spec.seed)
