@@ -6,17 +6,17 @@ The public Python API; the CLI and notebooks call these, never the reverse.
 __version__ = "0.1.0"
 
 
-def load_model(source: str = "embedded", model_class=None):
+def load_model(source: str = "embedded", model_class=None, trust_remote_code: bool = False):
     """An encoder from 'embedded', a local folder (shrunk ones included) or a hub id (opt-in)."""
     from raysparse.models.sources import load_encoder
 
-    return load_encoder(source, model_class)
+    return load_encoder(source, model_class, trust_remote_code=trust_remote_code)
 
 
-def load_tokenizer(source: str = "embedded"):
+def load_tokenizer(source: str = "embedded", trust_remote_code: bool = False):
     from raysparse.models.sources import load_tokenizer as _load_tokenizer
 
-    return _load_tokenizer(source)
+    return _load_tokenizer(source, trust_remote_code=trust_remote_code)
 
 
 def prune(*args, **kwargs):

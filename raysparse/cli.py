@@ -59,18 +59,26 @@ def cmd_evaluate(args) -> None:
     print(result.table())
 
 
+def _spec(args, model_cls=None):
+    """The spec file with its named budget and ``--set`` overrides applied, validated."""
+    from raysparse.config import RunSpec, load_spec
+
+    return load_spec(args.spec, model_cls or RunSpec, budget=args.budget, overrides=args.set or [])
+
+
 def cmd_run(args) -> None:
+    spec = _spec(args)
     if args.compare:
         from raysparse.dynamic import compare_with_separate_runs
 
-        comparison = compare_with_separate_runs(args.spec, address=args.address)
+        comparison = compare_with_separate_runs(spec, address=args.address)
         if args.plot:
             comparison.plot(args.plot)
             print(f"wrote {args.plot}")
         return
     from raysparse.runner import run
 
-    run(args.spec, address=args.address)
+    run(spec, address=args.address)
 
 
 def cmd_shrink(args) -> None:
@@ -106,28 +114,66 @@ def cmd_bench(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from raysparse.search import search
+    from raysparse.search import SearchSpec, search
 
-    search(args.spec, resume=args.resume, address=args.address)
+    search(_spec(args, SearchSpec), resume=args.resume, address=args.address)
 
 
 def cmd_report(args) -> None:
-    from raysparse.search.report import load_search, write_report
+    from raysparse.search.report import load_runs, load_search, write_report
 
-    report = load_search(args.search, args.tracking_uri)
-    written = write_report(report, args.out or f"reports/{args.search}")
+    if (args.search is None) == (args.runs is None):
+        raise RaysparseError("report: expected a search name (read from MLflow) or --runs FILE (a stored run set), "
+                             "exactly one of the two")
+    report = load_runs(args.runs) if args.runs else load_search(args.search, args.tracking_uri)
+    written = write_report(report, args.out or f"reports/{report.name}")
     print(f"search {report.name}: {len(report.rows)} finished trials\n")
-    print(written["trials"].read_text())
-    print(f"Pareto front:\n{written['pareto'].read_text()}")
-    print(f"per language:\n{written['languages'].read_text()}")
+    if "report" in written:
+        print(written["report"].read_text())
+    else:
+        print(written["trials"].read_text())
     print("written: " + ", ".join(str(p) for p in written.values()))
 
 
-def cmd_ui(args) -> None:
-    from raysparse.tracking.server import default_root, ensure_server
+def cmd_submit(args) -> None:
+    from raysparse.jobs import submit
 
-    uri = ensure_server()
+    env = dict(_key_value(item) for item in args.env)
+    outcome = submit(args.spec, address=args.address, working_dir=args.working_dir, kind=args.kind,
+                     runtime_env=args.runtime_env, tracking_uri=args.tracking_uri, storage=args.storage, env=env,
+                     resume=args.resume, budget=args.budget, overrides=args.set or [], follow=not args.no_wait,
+                     submission_id=args.job_id)
+    print(f"job {outcome.job_id}: {outcome.status}" + (f" ({outcome.message})" if outcome.message else ""))
+    if outcome.status not in ("SUCCEEDED", "PENDING", "RUNNING"):
+        raise RaysparseError(f"job {outcome.job_id} {outcome.status.lower()}: see `ray job logs {outcome.job_id}`")
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RaysparseError(f"env: expected KEY=VALUE, got {item!r}")
+    return key, value
+
+
+def cmd_cluster(args) -> None:
+    from raysparse.cluster import serve
+
+    serve(args.spec)
+
+
+def cmd_ui(args) -> None:
+    from raysparse.tracking.server import default_root, running_server, start_server
+
+    uri = running_server() or start_server(host=args.host, port=args.port)
     print(f"MLflow UI: {uri}   (server data in {default_root()}; it keeps running in the background)")
+
+
+def _override_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", default=None,
+                   help="apply the spec file's named budget (its budgets: section, e.g. tiny, xlmr-base); "
+                        "the name gets -<budget> appended")
+    p.add_argument("--set", action="append", metavar="PATH=VALUE",
+                   help="override one field after the budget (YAML value), e.g. --set base.recovery.steps=4; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="Dynamic Sparsification: also prune every level of dynamic.grid as a separate run; print both")
     p.add_argument("--plot", default=None, help="with --compare: write both curves to this PNG")
+    _override_arguments(p)
 
     p = sub.add_parser("shrink", help="slice one size out of a Dynamic Sparsification checkpoint (any sparsity)")
     p.add_argument("model", metavar="MODEL_DIR", help="a DS checkpoint folder (pruning.schedule: dynamic writes one)")
@@ -195,15 +242,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="YAML search spec (see experiments/searches/)")
     p.add_argument("--resume", action="store_true", help="continue a search whose driver died")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p = sub.add_parser("report", help="tables and plots of a finished search, read from MLflow")
-    p.add_argument("search", help="the search's name")
-    p.add_argument("--out", default=None, help="folder for tables and plots (default reports/<search>)")
+    _override_arguments(p)
+    p = sub.add_parser("report", help="tables and plots of a finished search or study, from MLflow or a stored run set")
+    p.add_argument("search", nargs="?", default=None, help="the search's name (its latest run in MLflow)")
+    p.add_argument("--runs", default=None, metavar="FILE",
+                   help="regenerate from a stored run set (runs.json, written by every report) instead of MLflow")
+    p.add_argument("--out", default=None,
+                   help="folder for tables, plots and the run set runs.json (default reports/<search>)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI or the local one)")
-    sub.add_parser("ui", help="start (or find) the local MLflow server and print the address of its UI")
+    p = sub.add_parser("ui", help="start (or find) the local MLflow server and print the address of its UI")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind a new server to (default loopback; 0.0.0.0 lets cluster nodes reach it)")
+    p.add_argument("--port", type=int, default=None, help="port for a new server (default: a free one)")
+    p = sub.add_parser("submit", help="submit a run or search spec to a Ray cluster as a Ray job; follow its logs")
+    p.add_argument("spec", help="YAML run or search spec inside --working-dir")
+    p.add_argument("--address", default=None,
+                   help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS or "
+                        "RAY_ADDRESS)")
+    p.add_argument("--working-dir", default=".", help="folder uploaded for the job (default: .; .gitignore applies)")
+    p.add_argument("--kind", choices=["run", "search"], default=None, help="default: from the spec's fields")
+    p.add_argument("--runtime-env", default=None, help="YAML of Ray runtime_env fields (pip, image_uri, env_vars...)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow server the cluster reaches (default: the spec's, else MLFLOW_TRACKING_URI)")
+    p.add_argument("--storage", default=None, help="checkpoints: a path every node reaches (s3://..., NFS)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the job")
+    p.add_argument("--resume", action="store_true", help="search: continue a search whose driver died")
+    p.add_argument("--job-id", default=None, help="submission id (default: Ray picks one)")
+    p.add_argument("--no-wait", action="store_true", help="submit and return without following the logs")
+    _override_arguments(p)
+    p = sub.add_parser("cluster", help="start a local multi-node Ray cluster (loopback) and keep it up until Ctrl-C")
+    p.add_argument("spec", nargs="?", default="clusters/local.yaml", help="cluster YAML (default clusters/local.yaml)")
     return parser
 
 
-COMMANDS = {"ui": cmd_ui, "report": cmd_report, "search": cmd_search, "run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench,
+COMMANDS = {"submit": cmd_submit, "cluster": cmd_cluster, "ui": cmd_ui, "report": cmd_report, "search": cmd_search, "run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench,
             "shrink": cmd_shrink}
 
 

@@ -4,13 +4,16 @@ Every node is a ``ray start --block`` process that this object owns, so removing
 signals exactly that process (its Ray processes die with it); nothing here ever runs
 ``ray stop``, which would stop every Ray instance on the machine. The cluster keeps its
 files (sessions, logs, ``ray_current_cluster``) in its own temp dir and takes free ports,
-so it neither finds nor disturbs other Ray clusters running beside it. The dashboard, the
-GCS and every node use ``host`` (127.0.0.1 unless the spec says otherwise), and token
-authentication is on, as for a cluster started by ``ray.init()``.
+so it neither finds nor disturbs other Ray clusters running beside it. Each node has a temp
+dir of its own, as separate machines would: nodes sharing one session folder delete each
+other's copies of a job's working dir (Ray's runtime-env agents manage it per node). The
+dashboard listens on ``host`` (127.0.0.1), every node registers with a loopback ``node_ip``,
+and token authentication is on, as for a cluster started by ``ray.init()``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -39,9 +42,10 @@ class NodeSpec(Strict):
 
 
 class LocalClusterSpec(Strict):
-    """``clusters/local.yaml``: a head and worker nodes, all on ``host``."""
+    """``clusters/local.yaml``: a head and worker nodes, all on loopback addresses."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"                     # the dashboard (and the jobs API) listens here
+    node_ip: str = Field(default_factory=lambda: loopback_node_ip())   # what every node registers as
     port: int | None = Field(None, ge=1, le=65535)             # GCS; None: a free port
     dashboard_port: int | None = Field(None, ge=1, le=65535)   # None: a free port
     temp_dir: str | None = None                                 # None: a fresh folder under /tmp
@@ -62,7 +66,19 @@ class LocalNode:
         return self.process.poll() is None
 
 
-def _free_port(host: str) -> int:
+def loopback_node_ip() -> str:
+    """A loopback address Ray keeps as a node's address.
+
+    Ray rewrites 127.0.0.1 to the machine's network address (so that other machines could
+    join) wherever it allows multi-node clusters; any other address of Linux's loopback
+    net 127.0.0.0/8 it keeps. Where it allows none (macOS, Windows), it keeps 127.0.0.1.
+    """
+    from ray._private import ray_constants
+
+    return "127.0.0.2" if ray_constants.ENABLE_RAY_CLUSTER and sys.platform.startswith("linux") else "127.0.0.1"
+
+
+def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -92,26 +108,28 @@ class LocalCluster:
             self.temp_dir.mkdir(parents=True, exist_ok=True)
         else:   # short: Ray's socket paths live under it (unix sockets allow ~107 characters)
             self.temp_dir, self._owns_temp_dir = Path(tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp")), True
-        port = spec.port or _free_port(spec.host)
-        dashboard_port = spec.dashboard_port or _free_port(spec.host)
-        self.address = f"{spec.host}:{port}"
+        port = spec.port or free_port(spec.node_ip)
+        dashboard_port = spec.dashboard_port or free_port(spec.host)
+        self.address = f"{spec.node_ip}:{port}"
         self.dashboard_url = f"http://{spec.host}:{dashboard_port}"
         _prepare_auth(spec.auth)
         head = ["--head", "--port", str(port), "--include-dashboard=True", "--dashboard-host", spec.host,
-                "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(_free_port(spec.host))]
+                "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(free_port(spec.node_ip))]
         try:
-            self._start_node("head", spec.head, head, timeout)
-            for worker in spec.workers:
-                self.add_node(worker, timeout=timeout)
+            self._wait_alive(self._launch("head", spec.head, head), timeout)
+            workers = [self._launch_worker(worker) for worker in spec.workers]   # they join side by side
+            for node in workers:
+                self._wait_alive(node, timeout)
         except BaseException:
             self.shutdown()
             raise
         return self
 
     def add_node(self, node: NodeSpec | None = None, timeout: float = 120.0) -> LocalNode:
-        """Join one more node (it shares the head's session folder, so no log monitor of its own)."""
-        return self._start_node(f"worker-{self._count}", node or NodeSpec(),
-                                ["--address", self.address, "--include-log-monitor=False"], timeout)
+        """Join one more node; returns once the GCS lists it alive."""
+        handle = self._launch_worker(node or NodeSpec())
+        self._wait_alive(handle, timeout)
+        return handle
 
     def remove_node(self, node: LocalNode, graceful: bool = False, timeout: float = 60.0) -> None:
         """Stop one node: SIGKILL (a crashed machine) or SIGTERM (a drained one). Its Ray processes follow."""
@@ -125,9 +143,16 @@ class LocalCluster:
         if node in self.nodes:
             self.nodes.remove(node)
 
-    def shutdown(self) -> None:
-        for node in reversed(list(self.nodes)):
-            self.remove_node(node, graceful=True)
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Workers first (all at once), then the head; SIGKILL what does not stop within ``timeout``."""
+        workers = [n for n in self.nodes[1:] if n.alive]
+        for node in workers:
+            node.process.send_signal(signal.SIGTERM)
+        deadline = time.time() + timeout
+        for node in workers:
+            self.remove_node(node, graceful=True, timeout=max(1.0, deadline - time.time()))
+        for node in list(self.nodes):
+            self.remove_node(node, graceful=True, timeout=timeout)
         if self._owns_temp_dir and self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -145,27 +170,28 @@ class LocalCluster:
         names = {n.name for n in self.nodes}
         return {n["NodeName"]: n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeName"] in names}
 
-    def _start_node(self, role: str, node: NodeSpec, extra: list[str], timeout: float) -> LocalNode:
-        host = self.spec.host
-        name = f"rs-{role}-{os.getpid()}-{self._count}"
+    def _launch_worker(self, node: NodeSpec) -> LocalNode:
         self._count += 1
+        return self._launch(f"worker-{self._count}", node, ["--address", self.address])
+
+    def _launch(self, role: str, node: NodeSpec, extra: list[str]) -> LocalNode:
+        host = self.spec.node_ip
+        name = f"rs-{os.getpid()}-{role}"
         command = [str(Path(sys.executable).with_name("ray")), "start", "--block", *extra,
-                   "--node-ip-address", host, "--node-name", name, "--temp-dir", str(self.temp_dir),
+                   "--node-ip-address", host, "--node-name", name, "--temp-dir", str(self.temp_dir / role),
                    "--num-cpus", str(node.num_cpus), "--num-gpus", str(node.num_gpus),
                    "--object-store-memory", str(node.object_store_mb * 1024 * 1024),
-                   "--dashboard-agent-listen-port", str(_free_port(host)),
-                   "--metrics-export-port", str(_free_port(host)),
+                   "--dashboard-agent-listen-port", str(free_port(host)),
+                   "--metrics-export-port", str(free_port(host)),
                    "--min-worker-port", "0", "--max-worker-port", "0", "--disable-usage-stats"]
         if node.resources:
-            import json
-
             command += ["--resources", json.dumps(node.resources)]
         log = self.temp_dir / f"{name}.log"
-        process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=_node_env(), start_new_session=True)
+        with open(log, "wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=_node_env(self.address), start_new_session=True)
         handle = LocalNode(name, node, process, log)
         self.nodes.append(handle)
-        self._wait_alive(handle, timeout)
         return handle
 
     def _wait_alive(self, node: LocalNode, timeout: float) -> None:
@@ -173,8 +199,8 @@ class LocalCluster:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if not node.alive:
-                tail = node.log.read_text(errors="replace")[-2000:]
-                raise RaysparseError(f"cluster: node {node.name} exited with status {node.process.returncode}:\n{tail}")
+                raise RaysparseError(f"cluster: node {node.name} exited with status {node.process.returncode}; "
+                                     f"see {node.log}")
             if "--block" in node.log.read_text(errors="replace") and node.name in _alive_node_names(self.address):
                 return
             time.sleep(0.5)
@@ -193,11 +219,16 @@ def _alive_node_names(address: str) -> set[str]:
         return set()
 
 
-def _node_env() -> dict[str, str]:
-    """Nodes run this process's environment; ``raysparse`` and ``ray`` resolve to this venv."""
+def _node_env(address: str) -> dict[str, str]:
+    """Nodes run this process's environment; ``raysparse`` and ``ray`` resolve to this venv.
+
+    RAY_ADDRESS names this cluster to every process on it: Ray's own helpers (Ray Train's
+    placement-group cleaner, the state API) otherwise look for "the" Ray on the machine and
+    fail, or pick another one, when several clusters run side by side.
+    """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = address
     return env
 
 
@@ -217,6 +248,21 @@ def _prepare_auth(mode: str) -> None:
 
         generate_and_save_token()
         loader.reset_cache()
+
+
+def enable_client_auth() -> None:
+    """Send Ray's auth token when one is available and RAY_AUTH_MODE is unset.
+
+    ``ray.init()`` does this by itself only for a cluster it finds on its own, not for an
+    explicit address; jobs clients never do.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:   # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def serve(path: str | Path = DEFAULT_SPEC) -> None:
@@ -239,10 +285,14 @@ def serve(path: str | Path = DEFAULT_SPEC) -> None:
               "Ctrl-C stops it.", flush=True)
         while not stop["now"] and all(n.alive for n in cluster.nodes):
             time.sleep(1)
+        for node in cluster.nodes:
+            if not node.alive:
+                print(f"node {node.name} stopped (see {node.log}); stopping the cluster", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
         cluster.shutdown()
 
 
-__all__ = ["LocalCluster", "LocalClusterSpec", "LocalNode", "NodeSpec", "serve"]
+__all__ = ["LocalCluster", "LocalClusterSpec", "LocalNode", "NodeSpec", "enable_client_auth", "free_port", "loopback_node_ip",
+           "serve"]

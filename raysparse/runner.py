@@ -92,18 +92,46 @@ def preflight(spec: RunSpec) -> dict[str, list[str]]:
     languages = resolve_languages(spec)
     location = resolve_model(spec.model.source)
     if not Path(location, "raysparse.json").is_file():
-        check_architecture(location)
+        check_architecture(location, spec.model.trust_remote_code)
     return languages
 
 
 def storage_path(root: str | None) -> str:
-    """Where checkpoints and Tune experiments live: ``root``, else RAYSPARSE_STORAGE, else ./runs."""
+    """Where checkpoints and Tune experiments live: ``root``, else RAYSPARSE_STORAGE, else ./runs.
+
+    A URI (``s3://bucket/prefix``, ``gs://...``) stays as it is: on a cluster every node must
+    reach the storage, and object storage is how Ray Train shares checkpoints between them.
+    """
     root = root or os.environ.get("RAYSPARSE_STORAGE") or "runs"
+    if "://" in root:
+        return root.rstrip("/")
     return str(Path(root).expanduser().resolve())
 
 
+def storage_join(storage: str, name: str) -> str:
+    """``storage/name`` for a folder or a URI (pathlib would fold ``s3://`` into ``s3:/``)."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def job_env_vars() -> dict[str, str]:
+    """Env vars the enclosing Ray job already sets (``ray job submit --runtime-env``), if any."""
+    import json
+
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return dict(((config.get("runtime_env") or {}).get("env_vars")) or {})
+
+
+def _outside_job(env: dict[str, str]) -> dict[str, str]:
+    """Inside a Ray job, Ray refuses a driver runtime_env that repeats one of the job's env vars."""
+    job = job_env_vars()
+    return {k: v for k, v in env.items() if k not in job}
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start a local Ray on 127.0.0.1."""
+    """Connect to ``address`` (or RAY_ADDRESS), else start a local Ray on loopback (dashboard on 127.0.0.1)."""
     import ray
 
     if ray.is_initialized():
@@ -111,12 +139,24 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"   # plain prints: progress lines once, library output untouched
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # Every worker names its cluster: Ray's own helpers there (Ray Train's placement-group cleaner,
+    # the state API) otherwise look for "the" Ray on the machine, and fail or pick another one
+    # when several run side by side.
+    if address and "://" not in address and address != "auto":
+        env["RAY_ADDRESS"] = address
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     if address:
-        ray.init(address=address, **kwargs)
+        from raysparse.cluster import enable_client_auth
+
+        enable_client_auth()   # clusters with token auth (Ray's default) want the token from every driver
+        ray.init(address=address, runtime_env={"env_vars": _outside_job(env)}, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", **kwargs)
+        from raysparse.cluster import free_port, loopback_node_ip
+
+        dashboard_port = free_port("127.0.0.1")
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                 _node_ip_address=loopback_node_ip(), runtime_env={"env_vars": env}, **kwargs)
 
 
 def trainer_for(spec: RunSpec, languages: dict, tracking_uri: str | None, run_id: str | None, storage: str,

@@ -66,16 +66,38 @@ def tracking_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray (dashboard on, loopback) shared by the tests that need one."""
+def local_cluster():
+    """A real multi-node Ray cluster on loopback, shaped as clusters/local.yaml (a head of 2 CPUs and
+    two workers of 1 CPU), each node a `ray start` process of its own; free ports and its own temp
+    dir, so other Ray instances on the machine are neither found nor touched."""
+    from raysparse.cluster import LocalCluster, LocalClusterSpec
+    from raysparse.config import load_spec
+
+    spec = load_spec(REPO / "clusters" / "local.yaml", LocalClusterSpec)
+    cluster = LocalCluster(spec.model_copy(update={"port": None, "dashboard_port": None, "temp_dir": None})).start()
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local(local_cluster):
+    """The session's Ray: this process is a driver of ``local_cluster``, shared by the tests that need Ray."""
     import ray
 
     from raysparse.runner import ensure_ray
 
-    ensure_ray(num_cpus=4)
+    ensure_ray(local_cluster.address)
     # Subprocesses (CLI drivers, notebook kernels) join this cluster instead of starting a second
     # one on the same machine: one Ray per machine, and a killed driver leaves the cluster up.
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = local_cluster.address
     yield ray
     os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, data_dir, embedded_dir) -> Path:
+    """A tiny random BERT with the real (trimmed) tokenizer: trials that cost Ray's time, not the model's."""
+    from raysparse.models.tiny import make_tiny_encoder
+
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny-model"), languages=("en", "de"))

@@ -38,7 +38,7 @@ SCORING_STAGES = ("finetune", "prune")
 
 def run_spec(args, algorithm: str, distill: bool, out: Path, tracking_uri: str) -> dict:
     return {
-        "name": f"qpc-{algorithm}-{'distill' if distill else 'plain'}",
+        "name": f"qpc-{algorithm}-{('distill+hidden' if args.hidden else 'distill') if distill else 'plain'}",
         "seed": args.seed,
         "data": {"task": "tatoeba", "languages": args.languages.split(",") if args.languages else None,
                  "max_train_examples": args.train_examples, "max_eval_examples": args.eval_examples,
@@ -48,7 +48,8 @@ def run_spec(args, algorithm: str, distill: bool, out: Path, tracking_uri: str) 
         "pruning": {"algorithm": algorithm, "sparsity": args.sparsity, "scoring_examples": args.scoring_examples,
                     "options": OPTIONS.get(algorithm, {})},
         "recovery": {"steps": args.recovery_steps, "learning_rate": args.learning_rate,
-                     "distillation": {"enabled": distill, "alpha": 0.5, "temperature": 2.0}},
+                     "distillation": {"enabled": distill, "alpha": 0.5, "temperature": 2.0,
+                                      "hidden": args.hidden}},
         "efficiency": {"latency": False},
         "resources": {"num_workers": 1, "cpus_per_worker": args.threads, "checkpoint_every": 10_000},
         "tracking": {"uri": tracking_uri, "experiment": "bench-quality-per-cost", "log_models": "none"},
@@ -57,8 +58,17 @@ def run_spec(args, algorithm: str, distill: bool, out: Path, tracking_uri: str) 
 
 
 def dense_quality(args, languages: list[str]) -> dict[str, float]:
-    """The unpruned model's Tatoeba scores, with the evaluation the runs use."""
+    """The unpruned model's Tatoeba scores, with the evaluation the runs use (cached: it is deterministic)."""
+    import hashlib
+
     import torch
+
+    from raysparse.paths import cache_dir
+
+    key = hashlib.sha256(json.dumps([sorted(languages), args.eval_examples, args.seed]).encode()).hexdigest()[:12]
+    cached = cache_dir() / "bench" / f"dense-tatoeba-{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
 
     import raysparse
     from raysparse.training.evaluate import evaluate
@@ -66,8 +76,11 @@ def dense_quality(args, languages: list[str]) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     model = raysparse.load_model("embedded")
     tokenizer = raysparse.load_tokenizer("embedded")
-    return evaluate(model, tokenizer, "tatoeba", languages, max_examples=args.eval_examples, seed=args.seed,
-                    verbose=False).metrics
+    metrics = evaluate(model, tokenizer, "tatoeba", languages, max_examples=args.eval_examples, seed=args.seed,
+                       verbose=False).metrics
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(metrics))
+    return metrics
 
 
 def per_language(metrics: dict) -> dict[str, float]:
@@ -104,13 +117,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--distill", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--hidden", action="store_true", help="distillation also matches hidden states (MSE)")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--languages", default=None, help="Tatoeba languages (default: every one present)")
-    parser.add_argument("--eval-examples", type=int, default=200, help="Tatoeba pairs per language")
+    parser.add_argument("--eval-examples", type=int, default=100, help="Tatoeba pairs per language")
     parser.add_argument("--train-examples", type=int, default=1000, help="XNLI translation pairs per language")
     parser.add_argument("--scoring-examples", type=int, default=256)
-    parser.add_argument("--learn-steps", type=int, default=100, help="fine-tuning steps in which L0/movement learn")
-    parser.add_argument("--recovery-steps", type=int, default=150)
+    parser.add_argument("--learn-steps", type=int, default=60, help="fine-tuning steps in which L0/movement learn")
+    parser.add_argument("--recovery-steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--max-length", type=int, default=64)
@@ -135,7 +149,8 @@ def main() -> None:
     client = mlflow.MlflowClient(tracking_uri)
     if client.get_experiment_by_name("bench-quality-per-cost") is None:
         client.create_experiment("bench-quality-per-cost", artifact_location=(out / "artifacts").as_uri())
-    specs = {(a, d): run_spec(args, a, d, out, tracking_uri) for a in algorithms for d in distills}
+    # every algorithm without distillation first: a run cut short still compares them all
+    specs = {(a, d): run_spec(args, a, d, out, tracking_uri) for d in distills for a in algorithms}
     languages = preflight(as_spec(next(iter(specs.values()))))["evaluation"]
     started = time.time()
     dense = dense_quality(args, languages)

@@ -122,7 +122,7 @@ def _import_model_code(folder: str) -> None:
 
     from raysparse.models.sources import resolve_model
 
-    config = AutoConfig.from_pretrained(resolve_model(folder), local_files_only=True)
+    config = AutoConfig.from_pretrained(resolve_model(folder), local_files_only=True, trust_remote_code=False)
     AutoModel._model_mapping[type(config)]
 
 

@@ -43,44 +43,49 @@ def resolve_model(source: str) -> str:
     return source
 
 
-def check_architecture(location: str) -> str:
+def check_architecture(location: str, trust_remote_code: bool = False) -> str:
     """Fail early, with one line, on an architecture raysparse has no adapter for."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(location, local_files_only=not hub_allowed())
+        config = AutoConfig.from_pretrained(location, local_files_only=not hub_allowed(),
+                                            trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise RaysparseError(f"model.source: cannot read the config of {location} ({first_line(exc)})") from None
     layout_for(config.model_type)
     return config.model_type
 
 
-def load_encoder(source: str = EMBEDDED, model_class=None) -> nn.Module:
+def load_encoder(source: str = EMBEDDED, model_class=None, trust_remote_code: bool = False) -> nn.Module:
     """Load an encoder (or a task model class around it) from any supported source.
 
     Folders written by raysparse (shrunk models) are rebuilt with their per-layer shapes.
+    Code shipped with a model (``auto_map``) runs only with ``trust_remote_code`` (the spec's
+    ``model.trust_remote_code``); weights load from safetensors, or ``.bin`` with weights_only.
     """
     location = resolve_model(source)
     if Path(location).is_dir() and is_pruned_checkpoint(location):
         return load_pruned(location, model_class=model_class)
-    check_architecture(location)
+    check_architecture(location, trust_remote_code)
     from transformers import AutoModel
 
     cls = model_class or AutoModel
     kwargs = {"add_pooling_layer": False} if cls is AutoModel else {}
     try:
-        model = cls.from_pretrained(location, local_files_only=not hub_allowed(), **kwargs)
+        model = cls.from_pretrained(location, local_files_only=not hub_allowed(), trust_remote_code=trust_remote_code,
+                                    **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         raise RaysparseError(f"model.source: cannot load weights from {location} ({first_line(exc)})") from None
     return model.eval()
 
 
-def load_tokenizer(source: str = EMBEDDED):
+def load_tokenizer(source: str = EMBEDDED, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     location = resolve_model(source)
     try:
-        return AutoTokenizer.from_pretrained(location, local_files_only=not hub_allowed())
+        return AutoTokenizer.from_pretrained(location, local_files_only=not hub_allowed(),
+                                             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise RaysparseError(f"model.source: cannot load a tokenizer from {location} ({first_line(exc)})") from None
 

@@ -16,7 +16,7 @@ from raysparse.config import load_spec, parse
 from raysparse.errors import RaysparseError
 from raysparse.search.pareto import format_table, pareto_front, pareto_plot, quality_vs_sparsity_plot
 from raysparse.search.space import define_by_run
-from raysparse.search.spec import SearchSpec, check_search
+from raysparse.search.spec import SearchSpec, check_search, preflight_trials
 from raysparse.tracking.runs import RunLogger, open_run, spec_key
 
 TRIAL_DRIVER_CPU = 0.25   # the trial function only waits on its TorchTrainer
@@ -51,6 +51,23 @@ class SearchResult:
                  **{c: r.get(f"{task}/{c}/{metric}") for c in [*languages, "avg", "worst"]}}
                 for r in self.rows if r["status"] == "done"]
         return format_table(rows, columns)
+
+
+def objective_aware(optuna_search: type) -> type:
+    """OptunaSearch that lets a single objective be absent from progress reports.
+
+    Trials report stages (loss, costs) before their objectives exist; with one objective
+    OptunaSearch reads it from every intermediate result (for pruning), so those reports
+    would end the search with a KeyError.
+    """
+
+    class ObjectiveAwareOptunaSearch(optuna_search):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if isinstance(self.metric, str) and self.metric not in result:
+                return
+            super().on_trial_result(trial_id, result)
+
+    return ObjectiveAwareOptunaSearch
 
 
 def as_search_spec(spec: SearchSpec | dict | str | Path) -> SearchSpec:
@@ -104,23 +121,25 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from raysparse.runner import ensure_ray, preflight, storage_path
+    from raysparse.runner import ensure_ray, preflight, storage_join, storage_path
     from raysparse.search.trial import run_trial
     from raysparse.tracking.server import resolve_tracking_uri
 
     spec = as_search_spec(spec)
     base = check_search(spec)
     preflight(base)
+    preflight_trials(spec, base)
     objectives = spec.resolved_objectives()
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
     key = spec_key(spec.model_dump(exclude={"num_samples", "max_concurrent"}))
     storage = storage_path(spec.storage or base.storage)
     experiment_name = f"{spec.name}-{key[:8]}"   # a changed spec is a new search; the same spec continues
-    experiment_path = Path(storage) / experiment_name
-    if resume and not (experiment_path / "tuner.pkl").exists():
+    experiment_path = storage_join(storage, experiment_name)   # a folder, or a URI (s3://...) on clusters
+    restorable = tune.Tuner.can_restore(experiment_path)
+    if resume and not restorable:
         raise RaysparseError(f"search: nothing to resume at {experiment_path} (run the search without --resume first)")
     # The same search again continues (or, when finished, just reports) instead of starting over.
-    resume = resume or (experiment_path / "tuner.pkl").exists()
+    resume = resume or restorable
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     parent_run_id, resumed = open_run(tracking_uri, spec.tracking.experiment, key, spec.name,
                                       params={"search": {k: v for k, v in spec.model_dump().items() if k != "base"},
@@ -140,11 +159,11 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(), search=context),
                                     {"cpu": TRIAL_DRIVER_CPU})
     if resume:
-        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         multi = len(metrics) > 1
-        searcher = OptunaSearch(space=define_by_run(spec.space), metric=metrics if multi else metrics[0],
+        searcher = objective_aware(OptunaSearch)(space=define_by_run(spec.space), metric=metrics if multi else metrics[0],
                                 mode=modes if multi else modes[0], sampler=_sampler(spec, multi),
                                 points_to_evaluate=spec.trials or None, seed=spec.seed)
         scheduler = None

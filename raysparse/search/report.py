@@ -1,18 +1,33 @@
-"""Reports from MLflow: a finished search (or any set of runs) as tables and plots.
+"""Reports from MLflow: a finished search (or study) as tables and plots, and its run set as a file.
 
-Everything is read back from the tracking server, so a report regenerates anywhere the
-server (or a copy of its SQLite file and artifacts) is reachable, with no network.
+Everything is read back from the tracking server, once: the finished trials of the search's
+latest parent run become flat rows (spec values, every metric, wall time) plus, for
+Dynamic Sparsification trials, the whole curve (``curve/...`` metric histories). That run
+set is written next to the report (``runs.json``), and :func:`load_runs` reads it back, so
+the same tables and plots regenerate anywhere, with no server and no network:
+
+    raysparse report study-settings --out docs/results/settings      # from MLflow
+    raysparse report --runs docs/results/settings/runs.json --out X  # from the stored run set
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raysparse.errors import RaysparseError
-from raysparse.search.pareto import format_table, pareto_front, pareto_plot, quality_vs_sparsity_plot
+from raysparse.search.pareto import (
+    format_table,
+    pareto_front,
+    pareto_plot,
+    quality_vs_sparsity_plot,
+)
+
+RUNSET_FORMAT = "raysparse-runset/1"
+RUNSET_FILE = "runs.json"
 
 
 @dataclass
@@ -21,21 +36,28 @@ class SearchReport:
     parent_run_id: str | None
     objectives: list[tuple[str, str]]
     rows: list[dict] = field(default_factory=list)
+    curves: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)   # DS trial -> level -> metrics
 
     @property
     def task(self) -> str:
-        keys = [k for r in self.rows for k in r if k.count("/") == 2 and "/avg/" in k]
-        return keys[0].split("/")[0] if keys else ""
+        tasks = self.tasks()
+        return tasks[0] if tasks else ""
+
+    def tasks(self) -> list[str]:
+        named = [r["task"] for r in self.rows if r.get("task")]
+        if not named:   # rows without the task param: the task of the first per-language metric
+            named = [k.split("/")[0] for r in self.rows for k in r if k.count("/") == 2 and "/avg/" in k]
+        return list(dict.fromkeys(named))
 
     def quality_metric(self) -> str:
         quality = [m for m, _ in self.objectives if "/avg/" in m]
         if quality:
             return quality[0]
-        keys = sorted({k for r in self.rows for k in r if "/avg/" in k})
+        keys = sorted({k for r in self.rows for k in r if k.startswith(f"{self.task}/avg/")})
         return keys[0] if keys else ""
 
-    def languages(self) -> list[str]:
-        task = self.task
+    def languages(self, task: str | None = None) -> list[str]:
+        task = task or self.task
         return sorted({k.split("/")[1] for r in self.rows for k in r if k.startswith(f"{task}/")
                        and k.count("/") == 2 and k.split("/")[1] not in ("avg", "worst")})
 
@@ -47,18 +69,42 @@ class SearchReport:
 
     def columns(self) -> list[str]:
         quality = self.quality_metric()
-        wanted = ["trial", "run_name", "algorithm", "setting", "schedule", "encoder_sparsity", quality,
+        wanted = ["trial", "run_name", "task", "algorithm", "setting", "schedule", "encoder_sparsity", quality,
                   quality.replace("/avg/", "/worst/"), *[m for m, _ in self.objectives], "params/total", "bytes",
                   "latency/pruned/b1_ms", "latency/pruned/b8_ms", "speedup/b8"]
         present = {k for r in self.rows for k in r}
-        return [c for c in dict.fromkeys(wanted) if c in present]
+        return [c for c in dict.fromkeys(wanted) if c and c in present]
 
     def per_language_table(self) -> str:
-        task, metric = self.task, self.quality_metric().split("/")[-1]
-        columns = ["run_name", *self.languages(), "avg", "worst"]
-        rows = [{"run_name": r.get("run_name", r.get("trial")),
-                 **{c: r.get(f"{task}/{c}/{metric}") for c in columns[1:]}} for r in self.rows]
-        return format_table(rows, columns)
+        tables = []
+        for task in self.tasks() or [self.task]:
+            metric = _task_metric(task, self.quality_metric())
+            columns = ["run_name", *self.languages(task), "avg", "worst"]
+            rows = [{"run_name": r.get("run_name", r.get("trial")),
+                     **{c: r.get(f"{task}/{c}/{metric}") for c in columns[1:]}}
+                    for r in self.rows if r.get("task", task) == task]
+            tables.append((f"{task} ({metric}):\n" if len(self.tasks()) > 1 else "") + format_table(rows, columns))
+        return "\n\n".join(tables)
+
+    def points(self) -> list[dict]:
+        """One point per trial and level (a DS trial stands for every level of its grid)."""
+        from raysparse.search.study import points
+
+        return points(self.rows, self.curves)
+
+
+def _task_metric(task: str, quality: str) -> str:
+    if quality.startswith(f"{task}/"):
+        return quality.split("/")[-1]
+    try:
+        from raysparse.search.study import primary_metric
+
+        return primary_metric(task)
+    except RaysparseError:
+        return quality.split("/")[-1]
+
+
+# --- reading MLflow ------------------------------------------------------------------------------------------
 
 
 def _client(tracking_uri: str | None):
@@ -70,11 +116,12 @@ def _client(tracking_uri: str | None):
 
 
 def load_search(name: str, tracking_uri: str | None = None) -> SearchReport:
-    """The search ``name`` (its parent run and every trial run) read back from MLflow."""
+    """The search ``name`` read back from MLflow: its latest parent run and that run's finished trials."""
     client = _client(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string=f"tags.`raysparse.search` = '{name}'", max_results=5000)
-    parents = [r for r in runs if r.data.tags.get("raysparse.kind") == "search"]
+    parents = sorted((r for r in runs if r.data.tags.get("raysparse.kind") == "search"),
+                     key=lambda r: r.info.start_time or 0, reverse=True)
     trials = [r for r in runs if r.data.tags.get("raysparse.kind") == "trial"]
     if not parents and not trials:
         raise RaysparseError(f"report: no search named '{name}' in MLflow at {client.tracking_uri}")
@@ -88,8 +135,13 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchReport:
             objectives = [(o["metric"], o["mode"]) for o in json.loads(raw)]
         if not objectives:
             objectives = _default_objectives(parent.data.params)
-    rows = [_row(run) for run in trials if run.info.status == "FINISHED"]
-    return SearchReport(name, parent_id, objectives, rows)
+        if any(r.data.tags.get("raysparse.search_run_id") for r in trials):   # a rerun under a changed spec
+            trials = [r for r in trials if r.data.tags.get("raysparse.search_run_id") == parent_id]
+    finished = sorted((r for r in trials if r.info.status == "FINISHED"),
+                      key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    rows = [_clean(_row(run)) for run in finished]
+    curves = {row["trial"]: _curve(client, run) for row, run in zip(rows, finished) if row.get("schedule") == "dynamic"}
+    return SearchReport(name, parent_id, objectives, rows, _clean({k: v for k, v in curves.items() if v}))
 
 
 def _default_objectives(params: dict) -> list[tuple[str, str]]:
@@ -99,16 +151,138 @@ def _default_objectives(params: dict) -> list[tuple[str, str]]:
     return [(f"{task.name}/avg/{task.primary_metric}", "max")]
 
 
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "None") else None
+    except ValueError:
+        return None
+
+
 def _row(run) -> dict:
-    params = run.data.params
-    return {"trial": run.data.tags.get("raysparse.trial_id", run.info.run_id[:8]), "run_name": run.info.run_name,
-            "run_id": run.info.run_id, "algorithm": params.get("pruning.algorithm"),
+    """A trial as one flat record: what it was (spec values), what it measured, how long it took."""
+    params, info = run.data.params, run.info
+    seed = _number(params.get("seed"))
+    wall = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
+    return {"trial": run.data.tags.get("raysparse.trial_id", info.run_id[:8]), "run_name": info.run_name,
+            "run_id": info.run_id, "task": params.get("data.task"), "algorithm": params.get("pruning.algorithm"),
             "setting": params.get("pruning.setting"), "schedule": params.get("pruning.schedule"),
-            "target_sparsity": float(params.get("pruning.sparsity", "nan")), **run.data.metrics}
+            "target_sparsity": _number(params.get("pruning.sparsity")),
+            "seed": None if seed is None else int(seed),
+            "trim_vocabulary": params.get("efficiency.trim_vocabulary") == "True",
+            "languages": params.get("data.languages"), "model": params.get("model.source"),
+            "finetune_steps": _number(params.get("finetune.steps")),
+            "recovery_steps": _number(params.get("recovery.steps")),
+            "start_time": info.start_time, "wall_s": wall, **run.data.metrics}
+
+
+def _curve(client, run) -> dict[str, dict[str, float]]:
+    """A DS trial's curve from its ``curve/...`` metric histories (step = sparsity in percent)."""
+    curve: dict[str, dict[str, float]] = {}
+    for key in sorted(k for k in run.data.metrics if k.startswith("curve/")):
+        for measurement in client.get_metric_history(run.info.run_id, key):
+            level = f"{measurement.step / 100:g}"
+            curve.setdefault(level, {})[key[len("curve/"):]] = measurement.value
+    return dict(sorted(curve.items(), key=lambda kv: float(kv[0])))
+
+
+# --- the run set as a file -------------------------------------------------------------------------------------
+
+
+def _clean(value):
+    """JSON has no NaN or infinity: they become None (in rows from MLflow too, so both paths agree)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def save_runs(report: SearchReport, path: str | Path) -> Path:
+    """Write the run set (every row and curve) to JSON; :func:`load_runs` reads it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": RUNSET_FORMAT, "name": report.name, "parent_run_id": report.parent_run_id,
+            "objectives": [list(o) for o in report.objectives], "rows": report.rows, "curves": report.curves}
+    path.write_text(json.dumps(_clean(data), indent=1, sort_keys=True, allow_nan=False) + "\n")
+    return path
+
+
+def load_runs(path: str | Path) -> SearchReport:
+    """A run set written by :func:`save_runs` (or ``raysparse report``), as a report; no MLflow needed."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RUNSET_FILE
+    if not path.is_file():
+        raise RaysparseError(f"report.runs: {path} does not exist (expected a runs.json written by raysparse report)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RaysparseError(f"report.runs: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict) or data.get("format") != RUNSET_FORMAT:
+        raise RaysparseError(f"report.runs: {path} is not a run set (expected format {RUNSET_FORMAT!r})")
+    return SearchReport(data["name"], data.get("parent_run_id"), [tuple(o) for o in data.get("objectives", [])],
+                        data["rows"], data.get("curves") or {})
+
+
+# --- writing the report ---------------------------------------------------------------------------------------
+
+
+def study_markdown(report: SearchReport) -> str:
+    """Every table of the report as one markdown document (what docs/results/<study>/report.md holds)."""
+    from raysparse.search import study
+
+    items = report.points()
+    tasks = study.tasks_of(items)
+    lines = [f"# Report: {report.name}", "",
+             (f"{len(report.rows)} finished trials; tasks: {', '.join(tasks) or '-'}; "
+              f"{len(items)} points (a Dynamic Sparsification trial counts once per level)."),
+             "Regenerate offline: `raysparse report --runs runs.json --out <folder>`.", ""]
+    found = study.findings(items, report.rows)
+    if found:
+        lines += ["## Findings", "", *[f"- {line}" for line in found], ""]
+    lines += ["## Quality against sparsity (average and worst language)", ""]
+    for task in tasks:
+        lines += [f"### {task} ({study.primary_metric(task)})", "", study.quality_table(items, task), ""]
+    lines += ["## Per language", ""]
+    for task in tasks:
+        lines += [f"### {task} ({study.primary_metric(task)})", "", study.language_table(items, task), ""]
+    if any("bytes" in p for p in items):
+        lines += ["## Size and speed (physically shrunk models)", "", study.efficiency_table(items), ""]
+    if any(p.get("schedule") == "dynamic" for p in items) and any(p.get("schedule") != "dynamic" for p in items):
+        lines += ["## Dynamic Sparsification vs separate runs", "", study.dynamic_table(items, report.rows), ""]
+    lines += ["## Trials", "", _trials_markdown(report), ""]
+    return "\n".join(lines)
+
+
+def _trials_markdown(report: SearchReport) -> str:
+    from raysparse.search.study import markdown_table, primary_metric, stage_cost
+
+    header = ["trial", "run", "encoder sparsity", "avg", "worst", "run wall s", "worker CPU s"]
+    body = []
+    for r in report.rows:
+        metric = primary_metric(r["task"]) if r.get("task") else ""
+        avg, worst = r.get(f"{r.get('task')}/avg/{metric}"), r.get(f"{r.get('task')}/worst/{metric}")
+        body.append([str(r.get("trial")), str(r.get("run_name")),
+                     "–" if r.get("encoder_sparsity") is None else f"{r['encoder_sparsity']:.3f}",
+                     "–" if avg is None else f"{avg:.3f}", "–" if worst is None else f"{worst:.3f}",
+                     "–" if r.get("wall_s") is None else f"{r['wall_s']:.0f}", f"{stage_cost(r):.0f}"])
+    return markdown_table(header, body)
+
+
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(figure)
+    return path
 
 
 def write_report(report: SearchReport, out_dir: str | Path) -> dict[str, Path]:
-    """Tables (text, CSV) and plots of a search into ``out_dir``; returns what was written."""
+    """Tables (markdown, text, CSV), plots and the run set of a search into ``out_dir``; returns what was written."""
+    from raysparse.search import study_plots
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = report.columns()
@@ -125,63 +299,39 @@ def write_report(report: SearchReport, out_dir: str | Path) -> dict[str, Path]:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(report.rows)
-    quality = report.quality_metric()
-    if report.rows and quality:
-        figure = quality_vs_sparsity_plot(report.rows, quality, quality.replace("/avg/", "/worst/"))
-        written["quality_vs_sparsity"] = out / "quality_vs_sparsity.png"
-        figure.savefig(written["quality_vs_sparsity"], dpi=120)
-        figure = per_language_plot(report)
-        written["per_language_plot"] = out / "per_language.png"
-        figure.savefig(written["per_language_plot"], dpi=120)
+    written["runs"] = save_runs(report, out / RUNSET_FILE)
+    if not report.rows:
+        return written
+    written["report"] = out / "report.md"
+    written["report"].write_text(study_markdown(report))
+    items = report.points()
+    written["quality_vs_sparsity"] = _save(study_plots.quality_vs_sparsity(items), out / "quality_vs_sparsity.png")
+    written["per_language_plot"] = _save(study_plots.per_language(items), out / "per_language.png")
     metrics = [m for m, _ in report.objectives]
-    if len(metrics) >= 2 and report.rows:
+    if len(metrics) >= 2:
         figure = pareto_plot(report.rows, report.front(), metrics[1], metrics[0])
-        written["pareto_plot"] = out / "pareto.png"
-        figure.savefig(written["pareto_plot"], dpi=120)
-    if any("latency/pruned/b1_ms" in r for r in report.rows):
-        figure = efficiency_plot(report.rows)
-        written["efficiency"] = out / "efficiency.png"
-        figure.savefig(written["efficiency"], dpi=120)
+        written["pareto_plot"] = _save(figure, out / "pareto.png")
+    if any("bytes" in p for p in items):
+        written["efficiency"] = _save(study_plots.efficiency(items), out / "efficiency.png")
+    if any(p.get("schedule") == "dynamic" for p in items) and any(p.get("schedule") != "dynamic" for p in items):
+        written["dynamic"] = _save(study_plots.dynamic_vs_separate(items), out / "dynamic.png")
     return written
 
 
 def per_language_plot(report: SearchReport):
-    """Quality per language (x) for every trial (one line each)."""
-    import matplotlib
+    """Quality per language (x) for every trial and level, one panel per task."""
+    from raysparse.search.study_plots import per_language
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    task, metric = report.task, report.quality_metric().split("/")[-1]
-    languages = report.languages()
-    figure, axis = plt.subplots(figsize=(max(5, 0.5 * len(languages) + 2), 4))
-    for r in sorted(report.rows, key=lambda r: r.get("encoder_sparsity", 0)):
-        values = [r.get(f"{task}/{lang}/{metric}") for lang in languages]
-        if all(v is not None for v in values):
-            axis.plot(languages, values, "o-", alpha=0.8,
-                      label=f"{r.get('algorithm')}/{r.get('setting')} s={r.get('encoder_sparsity', 0):.2f}")
-    axis.set_ylabel(f"{task} {metric}")
-    axis.legend(fontsize=6)
-    figure.tight_layout()
-    return figure
+    return per_language(report.points())
 
 
 def efficiency_plot(rows: list[dict]):
     """Latency and bytes against encoder sparsity: fast is not necessarily small."""
-    import matplotlib
+    from raysparse.search.study import points
+    from raysparse.search.study_plots import efficiency
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    points = sorted((r for r in rows if "encoder_sparsity" in r), key=lambda r: r["encoder_sparsity"])
-    for key, axis, label in (("latency/pruned/b1_ms", left, "latency, batch 1 (ms)"),
-                             ("bytes", right, "bytes")):
-        axis.plot([r["encoder_sparsity"] for r in points if key in r], [r[key] for r in points if key in r], "o")
-        axis.set_xlabel("encoder sparsity")
-        axis.set_ylabel(label)
-    figure.tight_layout()
-    return figure
+    return efficiency(points(rows, {}))
 
 
-__all__ = ["SearchReport", "load_search", "write_report"]
+__all__ = ["SearchReport", "efficiency_plot", "load_runs", "load_search", "per_language_plot",
+           "quality_vs_sparsity_plot", "save_runs", "study_markdown", "write_report"]

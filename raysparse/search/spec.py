@@ -113,3 +113,23 @@ def _check_trial(base: RunSpec, fixed: dict[str, Any], index: int) -> None:
         trial_spec(base.model_dump(), fixed)
     except RaysparseError as exc:
         raise RaysparseError(f"trials[{index}] {fixed}: {exc}") from None
+
+
+def preflight_trials(spec: SearchSpec, base: RunSpec) -> None:
+    """Data and model checks (``runner.preflight``) for every distinct task, language set and model
+    the fixed trials use, so a grid point with missing data fails before any trial starts."""
+    from raysparse.runner import preflight
+    from raysparse.search.space import trial_spec
+
+    seen = set()
+    for index, fixed in enumerate(spec.trials):
+        trial = trial_spec(base.model_dump(), fixed)
+        key = (trial.data.task, tuple(trial.data.languages or ()), trial.data.regime, trial.data.dir,
+               tuple(trial.pruning.scoring_languages or ()), trial.model.source)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            preflight(trial)
+        except RaysparseError as exc:
+            raise RaysparseError(f"trials[{index}] {fixed}: {exc}") from None

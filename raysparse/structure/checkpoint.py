@@ -31,7 +31,7 @@ def _class_path(model: nn.Module) -> str:
 
 def _resolve_class(path: str):
     module_name, _, qualname = path.partition(":")
-    if not (module_name.startswith("transformers") or module_name.startswith("raysparse")):
+    if module_name.split(".")[0] not in ("transformers", "raysparse"):
         raise RaysparseError(f"checkpoint: model_class {path!r} is not a transformers or raysparse class")
     try:
         obj = importlib.import_module(module_name)
@@ -113,7 +113,7 @@ def load_pruned(directory: str | Path, model_class=None) -> nn.Module:
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise RaysparseError(f"checkpoint: {directory} has no {WEIGHTS} (expected weights beside {SIDECAR})")
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     cls = model_class or _resolve_class(sidecar["model_class"])
     model = build_from_config(cls, config, sidecar.get("init"))
     structure = Structure.from_dict(sidecar["structure"])

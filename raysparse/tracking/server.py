@@ -67,8 +67,11 @@ def start_server(root: Path | None = None, host: str = "127.0.0.1", port: int | 
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
                "--host", host, "--port", str(port), "--workers", "1"]
+    # MLflow's job runner (GenAI jobs: three extra worker processes, ~0.7 GB) serves nothing raysparse logs.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+                                                                              "false")}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True, cwd=root)
+                               start_new_session=True, cwd=root, env=env)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
@@ -86,18 +89,38 @@ def ensure_server(root: Path | None = None, host: str = "127.0.0.1") -> str:
     return running_server(root) or start_server(root, host)
 
 
-def stop_server(root: Path | None = None) -> bool:
-    """Signal the server's process group (its workers follow). True if one was running."""
+def stop_server(root: Path | None = None, timeout: float = 30.0) -> bool:
+    """Signal the server's process group (its job workers follow) and wait until it is gone;
+    SIGKILL what is left after ``timeout``. True if one was running."""
     root = root or default_root()
     state = _read_state(root)
     if not state:
         return False
+    pid = state["pid"]
     try:
-        os.killpg(state["pid"], signal.SIGTERM)
+        os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
     finally:
         (root / STATE_FILE).unlink(missing_ok=True)
+    deadline = time.time() + timeout
+    while _group_alive(pid):
+        if time.time() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    return True
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)   # reap the leader if this process started it
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
     return True
 
 

@@ -69,6 +69,7 @@ class Run:
     """State and stages of one run on one worker."""
 
     def __init__(self, config: dict):
+        import ray
         import ray.train
 
         import raysparse
@@ -82,10 +83,13 @@ class Run:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.is_chief = self.rank == 0
         self.log = RunLogger(config.get("tracking_uri"), config.get("run_id") if self.is_chief else None)
+        # Which node does the work (on a cluster, where to look for logs; a restart may move it).
+        self.log.tags({"raysparse.node_id": ray.get_runtime_context().get_node_id()})
         torch.manual_seed(self.spec.seed)
         self.task = get_task(self.spec.data.task)
-        self.tokenizer = raysparse.load_tokenizer(self.spec.model.source)
-        encoder = raysparse.load_model(self.spec.model.source)
+        trust = self.spec.model.trust_remote_code
+        self.tokenizer = raysparse.load_tokenizer(self.spec.model.source, trust_remote_code=trust)
+        encoder = raysparse.load_model(self.spec.model.source, trust_remote_code=trust)
         self.model = build_task_model(encoder, self.task, seed=self.spec.seed)
         if self.spec.finetune.freeze_word_embeddings:
             freeze_word_embeddings(self.model)
@@ -276,13 +280,17 @@ class Run:
             for key in keys:
                 rows = self.data.pool(self.languages["scoring"] if key == SHARED else [key])
                 base = self.state.masks.get(key)
+                learned = self.algorithm.learns_during_training
+                # methods that score from data (layer dropping by gradient) decide their own mask from those scores
+                scores = None if learned else self._score(rows, base, salt=round_index)
                 final = self.algorithm.final_mask(self.model, target)
                 if final is not None:   # the method decided the mask itself (L0 gates, dropped layers)
                     mask = final
-                    scores = (self.algorithm.score(self.model, None, None, base) if self.algorithm.learns_during_training
-                              else self._score(rows, base, salt=round_index))
+                    if scores is None:
+                        scores = self.algorithm.score(self.model, None, None, base)
                 else:
-                    scores = self._score(rows, base, salt=round_index)
+                    if scores is None:
+                        scores = self._score(rows, base, salt=round_index)
                     mask = select_mask(scores, target, enc.hidden_size, enc.head_dim, self.selection, base)
                 self.state.masks[key], self.state.scores[key] = mask, scores
                 if self.is_chief:
