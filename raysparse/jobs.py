@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,8 @@ def submit(spec: str | Path, address: str | None = None, working_dir: str | Path
                              f"({first_line(exc)})") from None
     out(f"submitted job {job_id}: {command}\n")
     if not follow:
-        return JobOutcome(job_id, str(client.get_job_status(job_id)), command)
+        status = client.get_job_status(job_id)
+        return JobOutcome(job_id, str(getattr(status, "value", status)), command)
     asyncio.run(_follow(client, job_id, out))
     return wait(client, job_id, command)
 
@@ -192,8 +194,6 @@ async def _follow(client, job_id: str, out: Callable[[str], None]) -> None:
 
 def wait(client, job_id: str, command: str, timeout: float = 60.0) -> JobOutcome:
     """The job's final status (logs end a moment before the status turns terminal)."""
-    import time
-
     deadline = time.time() + timeout
     while True:
         info = client.get_job_info(job_id)

@@ -18,7 +18,7 @@ from raysparse.errors import RaysparseError, first_line
 from raysparse.tracking.runs import flatten, open_run, spec_key
 
 FORWARDED_ENV = ("RAYSPARSE_DATA", "RAYSPARSE_CACHE", "HF_HUB_OFFLINE", "RAYSPARSE_ALLOW_HUB", "HF_HOME",
-                 "TOKENIZERS_PARALLELISM")
+                 "TOKENIZERS_PARALLELISM", "MLFLOW_DISABLE_TELEMETRY")
 
 
 @dataclass
@@ -138,6 +138,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"   # plain prints: progress lines once, library output untouched
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")   # offline first (see raysparse.tracking.runs.client)
     address = address or os.environ.get("RAY_ADDRESS")
     # Every worker names its cluster: Ray's own helpers there (Ray Train's placement-group cleaner,
     # the state API) otherwise look for "the" Ray on the machine, and fail or pick another one

@@ -25,7 +25,10 @@ STUDIES = ("settings", "algorithms", "efficiency", "dynamic")
 BUDGETS = (None, "tiny", "xlmr-base", "xlmr-large")
 COMMITTED = REPO / "docs" / "results"
 TEXT_FILES = ("report.md", "trials.txt", "per_language.txt", "pareto.txt", "trials.csv", "runs.json")
-WAVES = (("settings", "algorithms"), ("efficiency", "dynamic"))   # two drivers at a time: memory
+WAVES = (("settings", "dynamic"), ("algorithms", "efficiency"))   # two drivers at a time: memory
+# The tiny encoder's vocabulary holds English and German pieces; evaluating Swahili alone lets vocabulary
+# trimming drop the German-only rows, so the efficiency study's trimming is visible on it.
+EXTRA = {"efficiency": ["base.data.languages=[sw]"]}
 
 
 def study_spec(name: str, budget: str | None = None) -> SearchSpec:
@@ -84,23 +87,26 @@ def test_the_studies_ask_the_papers_questions():
 # --- end to end at the tiny budgets ---------------------------------------------------------------------------
 
 
-def cli_search(name: str, tracking_uri: str, storage: Path) -> list[str]:
+def cli_search(name: str, tracking_uri: str, storage: Path, model: Path) -> list[str]:
+    sets = [f"base.model.source={model}", f"tracking.uri={tracking_uri}", "tracking.experiment=test-studies",
+            f"storage={storage}", *EXTRA.get(name, [])]
     return [sys.executable, "-m", "raysparse.cli", "search", str(REPO / "experiments" / "studies" / f"{name}.yaml"),
-            "--budget", "tiny", "--set", f"tracking.uri={tracking_uri}", "--set", "tracking.experiment=test-studies",
-            "--set", f"storage={storage}"]
+            "--budget", "tiny", *[arg for item in sets for arg in ("--set", item)]]
 
 
 @pytest.fixture(scope="module")
-def tiny_studies(tmp_path_factory, tracking_server, ray_local, embedded_dir):
-    """Every study at its tiny budget, run by `raysparse search` as a user would; drivers join the test Ray."""
+def tiny_studies(tmp_path_factory, tracking_server, ray_local, tiny_model_dir):
+    """Every study at its tiny budget, run by `raysparse search` as a user would, two drivers at a time on the
+    test cluster. The encoder is the tiny random one (the real model's runs are docs/RESULTS.md): what this
+    checks is the studies' wiring, which a trial on it exercises for what Ray costs."""
     folder = tmp_path_factory.mktemp("studies")
     results, deadline = {}, time.time() + 840
     for wave in WAVES:
         running = {}
         for name in wave:
             log = open(folder / f"{name}.log", "w")
-            running[name] = (subprocess.Popen(cli_search(name, tracking_server, folder / "runs"), stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True), log)
+            running[name] = (subprocess.Popen(cli_search(name, tracking_server, folder / "runs", tiny_model_dir),
+                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
         for name, (process, log) in running.items():
             try:
                 process.wait(timeout=max(1.0, deadline - time.time()))
@@ -136,9 +142,10 @@ def test_study_runs_end_to_end_and_reports_from_mlflow_and_offline(name, tiny_st
     if name == "efficiency":
         by_variant = {study.variant_of(r): r for r in report.rows}
         assert set(by_variant) == {"depth", "width+vocab"}
-        assert by_variant["depth"]["bytes"] < by_variant["depth"]["dense/bytes"]
-        assert by_variant["width+vocab"]["vocab_rows"] < 50_000
-        assert by_variant["width+vocab"]["bytes"] < by_variant["depth"]["bytes"] / 3, "trimming makes it small"
+        depth, trimmed = by_variant["depth"], by_variant["width+vocab"]
+        assert depth["bytes"] < depth["dense/bytes"]
+        assert trimmed["params/embedding"] < depth["params/embedding"], "trimming keeps fewer embedding rows"
+        assert trimmed["bytes"] < depth["bytes"] and trimmed["vocab_rows"] > 0
         assert "## Size and speed" in text and "efficiency" in from_mlflow
     if name == "dynamic":
         (ds,) = [r for r in report.rows if r["schedule"] == "dynamic"]

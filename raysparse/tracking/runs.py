@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +39,10 @@ def spec_key(spec: Mapping[str, Any]) -> str:
 
 
 def client(uri: str):
+    # Offline first: no usage telemetry. Its background thread also sets and unsets an environment
+    # variable while requests reads os.environ, which now and then fails a call to the tracking
+    # server (KeyError '_MLFLOW_TELEMETRY_SESSION_ID'): a trial would fail for nothing.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=uri)

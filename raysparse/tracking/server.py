@@ -68,8 +68,7 @@ def start_server(root: Path | None = None, host: str = "127.0.0.1", port: int | 
                "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
                "--host", host, "--port", str(port), "--workers", "1"]
     # MLflow's job runner (GenAI jobs: three extra worker processes, ~0.7 GB) serves nothing raysparse logs.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
-                                                                              "false")}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true", **os.environ}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True, cwd=root, env=env)
     deadline = time.time() + timeout
