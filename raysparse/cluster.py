@@ -97,11 +97,11 @@ class LocalCluster:
     _count: int = 0
 
     @classmethod
-    def from_yaml(cls, path: str | Path = DEFAULT_SPEC) -> "LocalCluster":
+    def from_yaml(cls, path: str | Path = DEFAULT_SPEC) -> LocalCluster:
         return cls(load_spec(path, LocalClusterSpec))
 
     # --- lifecycle ------------------------------------------------------------------------
-    def start(self, timeout: float = 120.0) -> "LocalCluster":
+    def start(self, timeout: float = 120.0) -> LocalCluster:
         spec = self.spec
         if spec.temp_dir:
             self.temp_dir = Path(spec.temp_dir).expanduser().resolve()
@@ -156,7 +156,7 @@ class LocalCluster:
         if self._owns_temp_dir and self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start() if not self.nodes else self
 
     def __exit__(self, *exc) -> None:

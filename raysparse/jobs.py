@@ -13,10 +13,10 @@ import asyncio
 import os
 import shlex
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import yaml

@@ -6,9 +6,9 @@ import shlex
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
-import ray
 from raysparse.errors import RaysparseError
 from raysparse.jobs import check_entrypoint, check_runtime_env, load_runtime_env
 
@@ -99,10 +99,10 @@ def test_kuberay_rayjob_runs_a_real_search_with_a_reachable_mlflow_server():
 
 def test_dockerfile_matches_the_pinned_stack_and_holds_the_specs():
     text = (CLUSTERS / "Dockerfile").read_text()
-    base = re.search(r"^FROM rayproject/ray:(\S+)", text, re.M).group(1)
+    base = re.search(r"^FROM rayproject/ray:(\S+)", text, re.MULTILINE).group(1)
     assert base.startswith(f"{ray.__version__}-py311")
     assert f"torch=={pins()['torch']}" in text and "-c /tmp/constraints.txt -e ." in text
-    assert re.search(r"^WORKDIR /app$", text, re.M) and "COPY --chown=ray:users experiments ./experiments" in text
+    assert re.search(r"^WORKDIR /app$", text, re.MULTILINE) and "COPY --chown=ray:users experiments ./experiments" in text
 
 
 def test_runtime_env_example_is_valid_and_pinned():

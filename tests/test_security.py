@@ -118,10 +118,10 @@ def is_loopback(address: str) -> bool:
 
 @pytest.mark.timeout(300)
 def test_started_services_listen_on_loopback_and_ray_wants_a_token(tracking_server, local_cluster):
+    import inspect
+
     from raysparse.cluster import LocalClusterSpec
     from raysparse.tracking.server import start_server
-
-    import inspect
 
     assert inspect.signature(start_server).parameters["host"].default == "127.0.0.1"
     assert LocalClusterSpec().host == "127.0.0.1" and is_loopback(LocalClusterSpec().node_ip)

@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 STAGES = ("finetune", "prune", "recover", "evaluate", "finalize")
+TRIAL_MEMORY_GB = 1.3      # a trial's driver, its Train controller and its worker: each imports torch
 ONCE = ("xnli/avg/accuracy", "xnli/worst/accuracy", "encoder_sparsity", "params/total")   # logged at the end
 
 
@@ -97,7 +98,7 @@ def trial_runs(uri: str, experiment_id: str) -> list[dict]:
 
 def check_exactly_once(uri: str, experiment_id: str, trials: int) -> tuple[list[dict], list[dict]]:
     runs = trial_runs(uri, experiment_id)
-    tags = lambda r: {t["key"]: t["value"] for t in r["data"].get("tags", [])}  # noqa: E731
+    tags = lambda r: {t["key"]: t["value"] for t in r["data"].get("tags", [])}
     parents = [r for r in runs if tags(r).get("raysparse.kind") == "search"]
     children = [r for r in runs if tags(r).get("raysparse.kind") == "trial"]
     ids = Counter(tags(r)["raysparse.trial_id"] for r in children)
@@ -110,6 +111,13 @@ def check_exactly_once(uri: str, experiment_id: str, trials: int) -> tuple[list[
                                 f"&metric_key={quote(key, safe='')}").get("metrics", [])
             assert len(history) == 1, f"{key} logged {len(history)} times in {tags(run)['raysparse.trial_id']}"
     return parents, children
+
+
+def available_memory_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024 ** 2
+    return float("inf")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -134,6 +142,11 @@ def main() -> None:
     from raysparse.search.driver import TRIAL_DRIVER_CPU
     from raysparse.tracking.server import start_server, stop_server
 
+    available = available_memory_gb()
+    if available < TRIAL_MEMORY_GB * args.concurrent + 2:
+        print(f"warning: {available:.1f} GB of memory available; {args.concurrent} trials at once take about "
+              f"{TRIAL_MEMORY_GB * args.concurrent:.0f} GB (three processes that import torch each) plus the "
+              "cluster's own: expect Ray to kill workers for memory, and trials to be retried", flush=True)
     root = Path(tempfile.mkdtemp(prefix="rs-load-"))
     cpus = math.ceil(args.concurrent * (1 + TRIAL_DRIVER_CPU))        # one train worker + the trial's driver
     per_node = math.ceil(cpus / args.nodes)
@@ -171,14 +184,14 @@ def main() -> None:
     assert all(r["status"] == "done" for r in result.rows), [r for r in result.rows if r["status"] != "done"]
     # Own work: every stage's wall time as the worker measured it (its last report to Tune carries all five).
     work_of = {r["trial"]: sum(r.get(f"cost/{stage}/wall_s", 0.0) for stage in STAGES) for r in result.rows}
-    trial_id = lambda r: next(t["value"] for t in r["data"]["tags"] if t["key"] == "raysparse.trial_id")  # noqa: E731
+    trial_id = lambda r: next(t["value"] for t in r["data"]["tags"] if t["key"] == "raysparse.trial_id")
     work = [work_of[trial_id(r)] for r in children]
     run_time = [(int(r["info"]["end_time"]) - int(r["info"]["start_time"])) / 1000 for r in children]
     overhead = [t - w for t, w in zip(run_time, work)]
     slot = wall * args.concurrent / args.trials - statistics.mean(work)
     nodes = Counter(names.get(next((t["value"] for t in r["data"]["tags"] if t["key"] == "raysparse.node_id"), ""),
                               "gone") for r in children)
-    ms = lambda values, q: 1000 * percentile(values, q)  # noqa: E731
+    ms = lambda values, q: 1000 * percentile(values, q)
     print(f"\nsearch of {args.trials} trials, {args.concurrent} at a time, over {args.nodes} nodes "
           f"({per_node * args.nodes} logical CPUs) on this machine")
     print(f"  wall time                   {wall:8.1f} s")
