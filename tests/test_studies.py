@@ -4,6 +4,7 @@ MLflow server, and the committed results (docs/results/) regenerate from their s
 without network access."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,7 +116,8 @@ def tiny_studies(tmp_path_factory, tracking_server, ray_local, tiny_model_dir):
                 process.wait()
             log.close()
             results[name] = (process.returncode, (folder / f"{name}.log").read_text())
-    return results
+    yield results
+    shutil.rmtree(folder / "runs", ignore_errors=True)
 
 
 @pytest.mark.timeout(900)

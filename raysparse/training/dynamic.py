@@ -183,8 +183,8 @@ class DynamicRun(Run):
         dyn = self.spec.dynamic
         if dyn.steps > 0:
             optimizer, scheduler = self._optimizer(dyn.learning_rate, dyn.steps, 0.0)
-            if self.checkpoint_dir is not None and self.state.step:
-                load_optimizer(optimizer, scheduler, self.checkpoint_dir / "optimizer.pt")
+            if self.state.step:
+                load_optimizer(optimizer, scheduler, self.optimizer_state)
             self._train_every_size(dyn.steps, optimizer, scheduler)
         self.state.advance("evaluate")
         self.report()

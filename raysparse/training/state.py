@@ -3,7 +3,9 @@
 A checkpoint folder holds ``state.json`` (stage, step, results so far), the model's
 weights (``model.safetensors``), the dense teacher once fine-tuning ended, the
 optimizer state, masks (JSON) and unit scores (safetensors). Nothing is unpickled:
-optimizer state is read with ``torch.load(weights_only=True)``.
+optimizer state is read with ``torch.load(weights_only=True)``. Frozen weights (the
+word-embedding table, 82% of e5-small) are left out: a restarted worker loads them from
+the model source as the first start did, so a checkpoint is a fifth of the model's size.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raysparse.pruning import UnitScores
@@ -54,21 +56,32 @@ class RunState:
         return cls(**plain, masks=masks, scores=scores)
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    save_model(model, str(path))
+def save_weights(model: nn.Module, path: Path, skip: frozenset[str] = frozenset()) -> None:
+    """Every tensor of ``model`` but those named in ``skip`` (weights the source restores)."""
+    state = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()
+             if name not in skip}
+    save_file(state, str(path))
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    load_model(model, str(path))
+def load_weights(model: nn.Module, path: Path, skip: frozenset[str] = frozenset()) -> None:
+    """Load what :func:`save_weights` wrote; only the ``skip`` tensors may be missing."""
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    absent = set(missing) - set(skip)
+    if absent or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {sorted(absent)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
 
 
 def save_optimizer(optimizer, scheduler, path: Path) -> None:
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
 
 
-def load_optimizer(optimizer, scheduler, path: Path) -> None:
-    if not path.is_file():
+def read_optimizer(path: Path) -> dict | None:
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def load_optimizer(optimizer, scheduler, state: dict | None) -> None:
+    if state is None:
         return
-    state = torch.load(path, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -26,7 +26,8 @@ from raysparse.pruning import Selection, UnitScores, cubic_sparsity, get_algorit
 from raysparse.structure import Encoder, Mask, UnitGates, attach_gates
 from raysparse.structure.shrink import mask_rows_for
 from raysparse.training.finetune import freeze_word_embeddings
-from raysparse.training.state import STAGES, RunState, load_optimizer, load_weights, save_optimizer, save_weights
+from raysparse.training.state import (STAGES, RunState, load_optimizer, load_weights, read_optimizer, save_optimizer,
+                                      save_weights)
 from raysparse.training.taskdata import TaskData
 
 SHARED = "shared"
@@ -93,12 +94,14 @@ class Run:
         self.model = build_task_model(encoder, self.task, seed=self.spec.seed)
         if self.spec.finetune.freeze_word_embeddings:
             freeze_word_embeddings(self.model)
+        # Weights no stage changes: checkpoints leave them out, a restart reloads them from the source.
+        self.frozen = frozenset(name for name, p in self.model.named_parameters() if not p.requires_grad)
         self.data = TaskData(self.spec, self.tokenizer, self.rank, self.world_size)
         self.algorithm = build_algorithm(self.spec)
         self.selection = Selection(self.spec.pruning.scope, self.spec.pruning.normalize, self.spec.pruning.round_to)
         self.teacher: nn.Module | None = None
         self.state = RunState()
-        self.checkpoint_dir: Path | None = None
+        self.optimizer_state: dict | None = None   # from the checkpoint a restarted run resumes
         self.reported = False
         self._restore()
         self._clock = (self.state.stage, time.time(), time.process_time())
@@ -111,21 +114,24 @@ class Run:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return
-        folder = Path(tempfile.mkdtemp(prefix="raysparse-restore-"))
-        checkpoint.to_directory(str(folder))
-        self.state = RunState.load(folder)
-        self._before_weights_load()
-        load_weights(self.model, folder / "model.safetensors")
-        if (folder / "teacher.safetensors").is_file():
-            self.teacher = copy.deepcopy(self.model)
-            load_weights(self.teacher, folder / "teacher.safetensors")
-        if (folder / "algorithm.safetensors").is_file() and hasattr(self.algorithm, "load_state_dict"):
-            self.algorithm.load_state_dict(load_file(str(folder / "algorithm.safetensors")))
-        self.checkpoint_dir = folder
+        with tempfile.TemporaryDirectory(prefix="raysparse-restore-") as folder:
+            checkpoint.to_directory(folder)
+            self._load_checkpoint(Path(folder))
         self.state.metrics["resumes"] = self.state.metrics.get("resumes", 0) + 1
         if self.is_chief:
             print(f"[resume] continuing at stage {self.state.stage}, step {self.state.step}", flush=True)
             self.log.metrics({"resumes": self.state.metrics["resumes"]})
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        self.state = RunState.load(folder)
+        self._before_weights_load()
+        load_weights(self.model, folder / "model.safetensors", self.frozen)
+        if (folder / "teacher.safetensors").is_file():
+            self.teacher = copy.deepcopy(self.model)
+            load_weights(self.teacher, folder / "teacher.safetensors", self.frozen)
+        if (folder / "algorithm.safetensors").is_file() and hasattr(self.algorithm, "load_state_dict"):
+            self.algorithm.load_state_dict(load_file(str(folder / "algorithm.safetensors")))
+        self.optimizer_state = read_optimizer(folder / "optimizer.pt")
 
     def _before_weights_load(self) -> None:
         """Hook for subclasses: reshape the model to what the checkpoint holds (e.g. rewired) before loading it."""
@@ -145,9 +151,9 @@ class Run:
         with tempfile.TemporaryDirectory(prefix="raysparse-ckpt-") as folder:
             folder = Path(folder)
             self.state.save(folder)
-            save_weights(self.model, folder / "model.safetensors")
+            save_weights(self.model, folder / "model.safetensors", self.frozen)
             if self.teacher is not None:
-                save_weights(self.teacher, folder / "teacher.safetensors")
+                save_weights(self.teacher, folder / "teacher.safetensors", self.frozen)
             state = algorithm_state(self.algorithm)
             if state:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "algorithm.safetensors"))
@@ -203,8 +209,8 @@ class Run:
             self.algorithm.attach(self.model)
         optimizer, scheduler = self._optimizer(spec.finetune.learning_rate, total, spec.finetune.warmup_ratio,
                                                self.algorithm.extra_parameters() if learned else None)
-        if self.checkpoint_dir is not None and self.state.step:
-            load_optimizer(optimizer, scheduler, self.checkpoint_dir / "optimizer.pt")
+        if self.state.step:
+            load_optimizer(optimizer, scheduler, self.optimizer_state)
         mask_handle = None
         if gradual and SHARED in self.state.masks:
             mask_handle = attach_gates(self.model, self._gates_for(self.state.masks[SHARED]))
@@ -356,8 +362,8 @@ class Run:
                                        if spec.pruning.schedule == "iterative" and spec.pruning.iterations > 1 else 0)
         if steps > 0:
             optimizer, scheduler = self._optimizer(spec.recovery.learning_rate, steps, 0.0)
-            if self.checkpoint_dir is not None and self.state.step:
-                load_optimizer(optimizer, scheduler, self.checkpoint_dir / "optimizer.pt")
+            if self.state.step:
+                load_optimizer(optimizer, scheduler, self.optimizer_state)
             self._train_under_masks(steps, spec.recovery.learning_rate, "recover", self.state.step, optimizer,
                                     scheduler)
         self.state.advance("evaluate")
