@@ -126,3 +126,31 @@ def test_magnitude_and_random_ignore_removed_units():
     for name in ("magnitude", "random"):
         scores = get_algorithm(name).score(model, mask=mask)
         assert scores.heads[0, 1] == float("-inf") and torch.isfinite(scores.heads[1]).all()
+
+
+def test_magnitude_and_movement_sum_exactly_the_weights_a_unit_owns():
+    """Head 2 of layer 1 owns Q/K/V rows 16-23 (and biases) and output columns 16-23; neuron 5 owns W1 row 5
+    (and bias) and W2 column 5. Magnitude is the L2 norm of those weights, movement -sum(W * grad)."""
+    from raysparse.pruning.movement import unit_movement
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=24)).eval()
+    layer = model.encoder.layer[1]
+    qkv = [layer.attention.self.query, layer.attention.self.key, layer.attention.self.value]
+    rows = slice(16, 24)
+    head_weights = [p.weight[rows] for p in qkv] + [layer.attention.output.dense.weight[:, rows]]
+    neuron_weights = [layer.intermediate.dense.weight[5], layer.output.dense.weight[:, 5]]
+    scores = get_algorithm("magnitude").score(model)
+    assert scores.heads[1, 2].item() == pytest.approx(torch.sqrt(sum(w.pow(2).sum() for w in head_weights)).item())
+    assert scores.neurons[1, 5].item() == pytest.approx(torch.sqrt(sum(w.pow(2).sum() for w in neuron_weights)).item())
+    grads = {id(p): torch.randn_like(p) for p in model.parameters()}
+    heads, neurons = unit_movement(model, lambda p: grads.get(id(p)))
+    owned_head = [(p.weight, rows) for p in qkv] + [(p.bias, rows) for p in qkv]
+    expected = -sum((p[r] * grads[id(p)][r]).sum() for p, r in owned_head)
+    out = layer.attention.output.dense.weight
+    expected -= (out[:, rows] * grads[id(out)][:, rows]).sum()
+    assert heads[1][2].item() == pytest.approx(expected.item(), rel=1e-4)
+    w1, b1, w2 = layer.intermediate.dense.weight, layer.intermediate.dense.bias, layer.output.dense.weight
+    expected = -((w1[5] * grads[id(w1)][5]).sum() + b1[5] * grads[id(b1)][5] + (w2[:, 5] * grads[id(w2)][:, 5]).sum())
+    assert neurons[1][5].item() == pytest.approx(expected.item(), rel=1e-4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,6 +24,37 @@ def _to_original(model: nn.Module, head_rows: list[torch.Tensor], neuron_rows: l
         heads[layer, structure.heads[pos]] = head_rows[pos].detach().float().cpu()
         neurons[layer, structure.neurons[pos]] = neuron_rows[pos].detach().float().cpu()
     return UnitScores(heads, neurons)
+
+
+def unit_sums(model: nn.Module, value: Callable[[nn.Parameter], torch.Tensor | None], biases: bool = True
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per current layer, ``value(p)`` summed over the weights each head and each FFN neuron owns.
+
+    A head owns its Q/K/V rows (and biases) and its columns of the attention output; a neuron
+    its W1 row (and bias) and its W2 column. ``value`` returning None counts as 0.
+    """
+    def owned(p, units: int, columns: bool = False):
+        v = None if p is None or not units else value(p)
+        if v is None:
+            return 0
+        v = v.float()
+        return v.reshape(v.shape[0], units, -1).sum((0, 2)) if columns else v.reshape(units, -1).sum(1)
+
+    enc = Encoder(model)
+    head_rows, neuron_rows = [], []
+    with torch.no_grad():
+        for layer in enc.layers:
+            attention, out = enc.attention(layer), enc.attention_output(layer)
+            w1, w2 = enc.ffn_input(layer), enc.ffn_output(layer)
+            heads, neurons = out.in_features // enc.head_dim, w2.in_features
+            h = torch.zeros(heads, device=out.weight.device) + owned(out.weight, heads, columns=True)
+            for proj in (attention.query, attention.key, attention.value):
+                h = h + owned(proj.weight, heads) + (owned(proj.bias, heads) if biases else 0)
+            n = (torch.zeros(neurons, device=w2.weight.device) + owned(w2.weight, neurons, columns=True)
+                 + owned(w1.weight, neurons) + (owned(w1.bias, neurons) if biases else 0))
+            head_rows.append(h)
+            neuron_rows.append(n)
+    return head_rows, neuron_rows
 
 
 def mean_gate_gradients(model: nn.Module, gates: UnitGates, targets: list[torch.Tensor], batches, loss_fn,
@@ -94,21 +127,8 @@ class MagnitudeImportance(Importance):
     name = "magnitude"
 
     def score(self, model, batches=None, loss_fn=None, mask=None) -> UnitScores:
-        enc = Encoder(model)
-        head_dim = enc.head_dim
-        head_rows, neuron_rows = [], []
-        with torch.no_grad():
-            for layer in enc.layers:
-                attention, out = enc.attention(layer), enc.attention_output(layer)
-                heads = out.in_features // head_dim
-                sq = torch.zeros(heads)
-                for proj in (attention.query, attention.key, attention.value):
-                    w = proj.weight.float().cpu().reshape(heads, head_dim, -1)
-                    sq += w.pow(2).sum(dim=(1, 2))
-                sq += out.weight.float().cpu().reshape(out.out_features, heads, head_dim).pow(2).sum(dim=(0, 2))
-                head_rows.append(sq.sqrt())
-                w1, w2 = enc.ffn_input(layer).weight.float().cpu(), enc.ffn_output(layer).weight.float().cpu()
-                neuron_rows.append((w1.pow(2).sum(1) + w2.pow(2).sum(0)).sqrt())
+        head_rows, neuron_rows = unit_sums(model, lambda p: p.float().pow(2), biases=False)
+        head_rows, neuron_rows = [r.sqrt() for r in head_rows], [r.sqrt() for r in neuron_rows]
         return exclude_removed(_to_original(model, head_rows, neuron_rows), mask)
 
 

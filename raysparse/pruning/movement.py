@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from raysparse.errors import RaysparseError
+from raysparse.pruning.algorithms import unit_sums
 from raysparse.pruning.registry import Importance, exclude_removed, register
 from raysparse.pruning.scores import UnitScores
 from raysparse.structure import Encoder, structure_of
@@ -40,35 +41,11 @@ def _owned_parameters(enc: Encoder, layer: nn.Module) -> tuple[list[nn.Parameter
 def unit_movement(model: nn.Module, grad_of: Callable[[nn.Parameter], torch.Tensor | None]
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """-(W * grad) summed per head and per neuron, per current layer (missing gradients count 0)."""
-    enc = Encoder(model)
-    head_dim = enc.head_dim
-    head_rows, neuron_rows = [], []
-    with torch.no_grad():
-        for layer in enc.layers:
-            attention, out = enc.attention(layer), enc.attention_output(layer)
-            w1, w2 = enc.ffn_input(layer), enc.ffn_output(layer)
-            heads = out.in_features // head_dim
-            h = torch.zeros(heads, device=out.weight.device)
-            if heads:
-                for proj in (attention.query, attention.key, attention.value):
-                    for p in (proj.weight, proj.bias):
-                        g = None if p is None else grad_of(p)
-                        if g is not None:
-                            h += (p * g).float().reshape(heads, -1).sum(1)
-                g = grad_of(out.weight)
-                if g is not None:
-                    h += (out.weight * g).float().reshape(out.out_features, heads, head_dim).sum((0, 2))
-            n = torch.zeros(w2.in_features, device=w2.weight.device)
-            for p in (w1.weight, w1.bias):
-                g = None if p is None else grad_of(p)
-                if g is not None:
-                    n += (p * g).float().reshape(w2.in_features, -1).sum(1)
-            g = grad_of(w2.weight)
-            if g is not None:
-                n += (w2.weight * g).float().sum(0)
-            head_rows.append(-h)
-            neuron_rows.append(-n)
-    return head_rows, neuron_rows
+    def movement(p: nn.Parameter) -> torch.Tensor | None:
+        g = grad_of(p)
+        return None if g is None else -(p * g)
+
+    return unit_sums(model, movement, biases=True)
 
 
 @register

@@ -38,13 +38,17 @@ def _curves(items: Sequence[dict], key: str, x: str = "encoder_sparsity") -> dic
     return {g: sorted(c) for g, c in curves.items()}
 
 
+def _task_panels(items: Sequence[dict]):
+    """A figure with one panel per task, and (axis, task, that task's items) per panel."""
+    tasks = tasks_of(items)
+    figure, axes = _pyplot().subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    return figure, [(axis, task, [p for p in items if p.get("task") == task]) for axis, task in zip(axes[0], tasks)]
+
+
 def quality_vs_sparsity(items: Sequence[dict]):
     """One panel per task: average quality (solid) and the worst language (dashed) per group."""
-    plt = _pyplot()
-    tasks = tasks_of(items)
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
-        mine = [p for p in items if p.get("task") == task]
+    figure, panels = _task_panels(items)
+    for axis, task, mine in panels:
         metric = primary_metric(task)
         worst = _curves(mine, f"{task}/worst/{metric}")
         for group, curve in _curves(mine, f"{task}/avg/{metric}").items():
@@ -61,11 +65,8 @@ def quality_vs_sparsity(items: Sequence[dict]):
 
 def per_language(items: Sequence[dict]):
     """One panel per task: quality per language for every group and level."""
-    plt = _pyplot()
-    tasks = tasks_of(items)
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
-        mine = [p for p in items if p.get("task") == task]
+    figure, panels = _task_panels(items)
+    for axis, task, mine in panels:
         metric, languages = primary_metric(task), languages_of(mine, task)
         for (group, level), found in grouped(mine, varying_labels(mine)).items():
             values = [_mean([p.get(f"{task}/{lang}/{metric}") for p in found]) for lang in languages]
