@@ -16,9 +16,10 @@ Target (issue 5): the best configuration keeps >= 95% of the dense average and >
 worst language, from at most 15 CPU minutes. Met on 2026-11-24 by gradient importance with
 distillation (similarities + hidden states), 100 recovery steps at learning rate 2e-4 (the
 defaults): 95.6% of the dense average (0.876 vs 0.916 over 32 languages), worst 0.600 (ar; dense
-0.550), 8.93 CPU minutes. The same at 5e-5 for 80 steps without hidden states: 93.0%.
+0.550), 8.93 CPU minutes; magnitude 95.8%. The same at 5e-5 for 80 steps without hidden states:
+93.0%. Without distillation no algorithm reaches 95% (best: magnitude, 93.3%, 6.76 CPU minutes).
 
-    .venv/bin/python experiments/bench/quality_per_cost.py                    # all algorithms, ~1 h on 2 cores
+    .venv/bin/python experiments/bench/quality_per_cost.py                    # all algorithms, on and off, ~80 min on 2 cores
     .venv/bin/python experiments/bench/quality_per_cost.py --algorithms gradient,random --distill on
 """
 
