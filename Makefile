@@ -1,4 +1,5 @@
-# Two entry points: `make demo` and `make test`. Both set up .venv on first use.
+# Two entry points: `make demo` and `make test` (`make test-quick`: the tier without Ray, servers or e5
+# training). All set up .venv on first use.
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -8,7 +9,7 @@ export RAYSPARSE_DATA ?= $(abspath ../shared/data/xtreme)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model demo lint-imports test test-quick bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,11 +29,20 @@ model: setup
 demo: model
 	$(RS) search experiments/searches/demo.yaml
 
+# The import contracts in .importlinter: layers (no module imports from a layer above it) and more.
+lint-imports: setup
+	$(VENV)/bin/lint-imports
+
 test: model
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/lint-imports && $(PY) -m pytest -q tests
+
+# Tests not marked slow (tests/conftest.py marks those that start Ray, MLflow, a notebook or a browser,
+# or train e5): structure, selection, specs, loaders, metrics, bad input, offline reports.
+test-quick: model
+	$(VENV)/bin/lint-imports && $(PY) -m pytest -q -m "not slow" tests
 
 bench: model
 	$(PY) experiments/bench/shrink_speedup.py
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache .import_linter_cache

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -23,14 +25,14 @@ tracking_uri = None     # None: the local MLflow server raysparse started
 out_dir = "reports/notebook-search"
 
 # %%
-from raysparse.search.report import load_search, per_language_plot, write_report
-from raysparse.search.pareto import pareto_plot, quality_vs_sparsity_plot
+from raysparse import load_search, per_language_plot, write_report
+from raysparse import pareto_plot, quality_vs_sparsity_plot
 
 report = load_search(name, tracking_uri)
 print(f"{len(report.rows)} finished trials; objectives: {report.objectives}")
 
 # %%
-from raysparse.search.pareto import format_table
+from raysparse import format_table
 
 print(format_table(report.front(), report.columns()))
 

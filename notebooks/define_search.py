@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,7 +32,7 @@ tracking_uri = None      # None: the local MLflow server raysparse starts and re
 storage = None           # None: ./runs
 
 # %%
-from raysparse.search import SearchSpec, search
+from raysparse import SearchSpec, run_search
 
 spec = SearchSpec(
     name=name,
@@ -59,7 +61,7 @@ spec = SearchSpec(
 )
 
 # %%
-result = search(spec, verbose=False)
+result = run_search(spec, verbose=False)
 print(result.table())
 
 # %% [markdown]

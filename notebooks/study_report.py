@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -27,8 +29,8 @@ tracking_uri = None                           # None: the local MLflow server ra
 out_dir = None                                # a folder to write every table and plot to (None: nothing written)
 
 # %%
-from raysparse.search import study, study_plots
-from raysparse.search.report import load_runs, load_search, write_report
+from raysparse import study, study_plots
+from raysparse import load_runs, load_search, write_report
 
 report = load_runs(runs) if runs else load_search(name, tracking_uri)
 items = report.points()

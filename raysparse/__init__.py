@@ -1,6 +1,8 @@
 """raysparse: Ray-distributed search for structured pruning of multilingual encoders.
 
-The public Python API; the CLI and notebooks call these, never the reverse.
+The public Python API; the CLI and notebooks call these, never the reverse. Besides the functions
+defined here, the names in ``_LAZY`` (specs, runs, search, reports, studies, Dynamic Sparsification)
+are imported from their modules when first used.
 """
 
 __version__ = "0.1.0"
@@ -11,6 +13,16 @@ def load_model(source: str = "embedded", model_class=None, trust_remote_code: bo
     from raysparse.models.sources import load_encoder
 
     return load_encoder(source, model_class, trust_remote_code=trust_remote_code)
+
+
+def export_model(folder: str, out: str):
+    """Write ``folder`` (a model folder raysparse wrote, lean ones included) self-contained to ``out``."""
+    from raysparse.models.lean import export
+    from raysparse.models.sources import load_tokenizer as _load_tokenizer
+    from raysparse.paths import check_output
+
+    check_output(out, folder)
+    return export(folder, out, tokenizer=_load_tokenizer(folder))
 
 
 def load_tokenizer(source: str = "embedded", trust_remote_code: bool = False):
@@ -31,3 +43,37 @@ def run(spec, address: str | None = None, verbose: bool = True):
     from raysparse.runner import run as _run
 
     return _run(spec, address=address, verbose=verbose)
+
+
+# The rest of the public API, imported when first used (``raysparse.run_search(...)``, ...), so that
+# ``import raysparse`` stays cheap. The CLI's commands and the notebooks call these.
+_LAZY = {
+    # specs and runs
+    "RunSpec": "raysparse.config", "load_spec": "raysparse.config",
+    "run_in_process": "raysparse.runner", "prune_spec": "raysparse.standalone",
+    "evaluate": "raysparse.training.evaluate",
+    # search, reports and studies
+    "SearchSpec": "raysparse.search.spec", "run_search": "raysparse.search.driver:search",
+    "load_search": "raysparse.search.report", "load_runs": "raysparse.search.report",
+    "write_report": "raysparse.search.report", "per_language_plot": "raysparse.search.report",
+    "pareto_plot": "raysparse.search.pareto", "quality_vs_sparsity_plot": "raysparse.search.pareto",
+    "format_table": "raysparse.search.pareto",
+    "study": "raysparse.search.study", "study_plots": "raysparse.search.study_plots",
+    # Dynamic Sparsification
+    "shrink_checkpoint": "raysparse.dynamic", "compare_with_separate_runs": "raysparse.dynamic",
+}
+_MODULES = {"study", "study_plots"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name not in _LAZY:
+        raise AttributeError(f"module 'raysparse' has no attribute {name!r}")
+    module_name, _, attribute = _LAZY[name].partition(":")
+    module = importlib.import_module(module_name)
+    return module if name in _MODULES else getattr(module, attribute or name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from raysparse.errors import RaysparseError
 
 
 def _languages(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """``--languages a,b``; left out: every language present. Given but empty is an error, not "all"."""
+    if value is None:
+        return None
+    languages = [v.strip() for v in value.split(",") if v.strip()]
+    if not languages:
+        raise RaysparseError(f"languages: expected comma-separated language codes (e.g. de,fr), got {value!r}")
+    return languages
 
 
 def cmd_fetch_model(args) -> None:
@@ -20,13 +28,19 @@ def cmd_fetch_model(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from raysparse.standalone import prune
+    from raysparse.standalone import prune, prune_spec
 
-    result = prune(args.model, args.sparsity, args.algorithm, languages=_languages(args.languages),
-                   scoring_data=args.scoring_data, scoring_pairs=args.scoring_pairs, batch_size=args.batch_size,
+    options = dict(languages=_languages(args.languages), scoring_pairs=args.scoring_pairs, batch_size=args.batch_size,
                    steps=args.steps, scope=args.scope, normalize=args.normalize, round_to=args.round_to,
                    recover_steps=args.recover_steps, learning_rate=args.lr, eval_pairs=args.eval_pairs,
-                   seed=args.seed, sequence_length=args.seq_len, out=args.out, data_dir=args.data_dir)
+                   seed=args.seed, sequence_length=args.seq_len, data_dir=args.data_dir, latency=not args.no_latency)
+    if args.print_spec:   # the run spec these flags make: `raysparse run` it to execute it on Ray, tracked
+        import yaml
+
+        spec = prune_spec(args.model, args.sparsity, args.algorithm, **options)
+        print(yaml.safe_dump(spec.model_dump(exclude_defaults=True), sort_keys=False), end="")
+        return
+    result = prune(args.model, args.sparsity, args.algorithm, out=args.out, **options)
     print()
     print(result.table())
     if result.quality:
@@ -83,8 +97,18 @@ def cmd_run(args) -> None:
 
 def cmd_shrink(args) -> None:
     from raysparse.dynamic import shrink_checkpoint
+    from raysparse.paths import check_output
+
+    check_output(args.out, args.model)   # slicing into the checkpoint itself would lose every larger size
 
     print(shrink_checkpoint(args.model, args.sparsity, args.out, match_sparsity=args.match_sparsity).table())
+
+
+def cmd_export(args) -> None:
+    import raysparse
+
+    out = raysparse.export_model(args.model, args.out)
+    print(f"wrote the self-contained model to {out} (load with raysparse.load_model('{out}'))")
 
 
 def _integers(value: str, field: str) -> list[int]:
@@ -187,20 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.5, help="target encoder sparsity in [0, 1)")
     p.add_argument("--algorithm", default="gradient", help="gradient | magnitude | random | ...")
     p.add_argument("--languages", help="comma-separated languages (default: all present)")
-    p.add_argument("--scoring-data", default="xnli", help="xnli (parallel dev premises) or tatoeba")
-    p.add_argument("--scoring-pairs", type=int, default=256)
+    p.add_argument("--scoring-pairs", type=int, default=256, help="XNLI translation pairs to score on")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=1, help="scoring rounds: 1 = one-shot, more = iterative")
     p.add_argument("--scope", default="global", choices=["global", "per-layer"])
     p.add_argument("--normalize", default="l2", choices=["l2", "none"])
     p.add_argument("--round-to", type=int, default=1, help="round kept units per layer to a multiple")
-    p.add_argument("--recover-steps", type=int, default=0, help="contrastive recovery steps after shrinking")
+    p.add_argument("--recover-steps", type=int, default=0, help="recovery steps of the shrunk model (contrastive, on XNLI pairs)")
     p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--eval-pairs", type=int, default=200, help="Tatoeba pairs per language to evaluate (0 = skip)")
+    p.add_argument("--eval-pairs", type=int, default=200, help="Tatoeba pairs per language to evaluate")
     p.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOP accounting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="XTREME data folder (default: $RAYSPARSE_DATA)")
     p.add_argument("--out", default=None, help="folder to save the shrunk model in")
+    p.add_argument("--no-latency", action="store_true", help="skip timing the dense and pruned models")
+    p.add_argument("--print-spec", action="store_true",
+                   help="print the run spec these flags make (for `raysparse run`) and exit")
 
     p = sub.add_parser("evaluate", help="score a model on every language of a task; print the per-language table")
     p.add_argument("model", help="'embedded', a model folder (TaskModel folders included), or a hub id (opt-in)")
@@ -226,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the shrunk model (loads with raysparse.load_model)")
     p.add_argument("--match-sparsity", action="store_true", default=None,
                    help="neurons absorb the rounding of the head count (default: as the checkpoint records)")
+
+    p = sub.add_parser("export", help="write a logged (lean) model folder in the self-contained form, for shipping")
+    p.add_argument("model", metavar="MODEL_DIR", help="a model folder written by raysparse (e.g. an MLflow model/ artifact)")
+    p.add_argument("--out", required=True, help="the new folder")
 
     p = sub.add_parser("bench", help="latency, size and memory of models side by side (the first is the baseline)")
     p.add_argument("models", nargs="+", metavar="MODEL", help="'embedded' or model folders (shrunk ones included)")
@@ -276,7 +306,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"submit": cmd_submit, "cluster": cmd_cluster, "ui": cmd_ui, "report": cmd_report, "search": cmd_search, "run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench,
-            "shrink": cmd_shrink}
+            "shrink": cmd_shrink, "export": cmd_export}
+
+
+def check_entrypoint(entrypoint: str, root: str | Path = ".") -> tuple[str, Path | None]:
+    """(command, spec path) of a job's ``raysparse COMMAND [SPEC] ...``; the command and its options
+    must parse with this CLI, and a run/search spec must exist under ``root`` and validate."""
+    from raysparse.jobs import check_spec
+
+    words = shlex.split(entrypoint)
+    if words[:3] == ["python", "-m", "raysparse.cli"]:
+        words = ["raysparse", *words[3:]]
+    if not words or Path(words[0]).name != "raysparse":
+        raise RaysparseError(f"entrypoint: expected 'raysparse COMMAND ...', got {entrypoint!r}")
+    try:
+        args = build_parser().parse_args(words[1:])
+    except SystemExit:
+        raise RaysparseError(f"entrypoint: {entrypoint!r} does not parse as a raysparse command "
+                             f"(commands: {', '.join(sorted(COMMANDS))})") from None
+    if args.command not in ("run", "search"):
+        return args.command, None
+    spec = Path(root) / args.spec
+    check_spec(spec, args.command, args.budget, args.set or [])
+    return args.command, spec
 
 
 def main(argv: list[str] | None = None) -> int:

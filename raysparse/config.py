@@ -8,10 +8,11 @@ expected, e.g. ``pruning.sparsity: expected a number in [0, 1), got 1.5``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from raysparse.errors import RaysparseError
 
@@ -28,11 +29,13 @@ class ModelConfig(Strict):
 class DataConfig(Strict):
     task: str = "xnli"
     dir: str | None = None                     # default: $RAYSPARSE_DATA
-    languages: list[str] | None = None         # evaluation languages; None = all present
+    languages: list[str] | None = Field(None, min_length=1)   # evaluation languages; None (left out) = all present
     regime: Literal["zero-shot", "translate-train", "in-language"] = "zero-shot"
     train_fraction: float = Field(0.5, gt=0, lt=1)
     max_train_examples: int | None = Field(512, ge=1)
     max_eval_examples: int | None = Field(200, ge=1)
+    skip_eval_examples: int = Field(0, ge=0)    # evaluate from this row on (tune on rows a report never uses)
+    evaluate_dense: bool = False                # also score the model before pruning (dense/<task>/<lang>/<metric>)
     max_length: int = Field(128, ge=8, le=4096)
     doc_stride: int = Field(64, ge=1)
 
@@ -46,6 +49,9 @@ class FinetuneConfig(Strict):
     # The word-embedding table is most of a multilingual encoder (82% of e5-small): freezing it
     # (fine-tuning, recovery and DS alike) makes steps and checkpoints several times cheaper.
     freeze_word_embeddings: bool = True
+    # The fine-tuned dense model is stored once per (model, data, these settings, seed) in <storage>/cache
+    # and reused by every run and trial that needs the same (one-worker runs; not while L0/movement learn).
+    cache: bool = True
 
 
 class DistillationConfig(Strict):
@@ -57,18 +63,18 @@ class DistillationConfig(Strict):
 
 
 class PruningConfig(Strict):
+    """What every schedule shares; the schedule's own fields live in its variant below."""
+
     algorithm: str = "gradient"
     sparsity: float = 0.5
     setting: Literal["shared", "per-language"] = "shared"
-    schedule: Literal["one-shot", "iterative", "gradual", "dynamic"] = "one-shot"   # dynamic: see DynamicConfig
-    iterations: int = Field(3, ge=1)            # iterative: rounds of prune-rescore
     scope: Literal["global", "per-layer"] = "global"
     normalize: Literal["l2", "none"] = "l2"
     round_to: int = Field(1, ge=1)
     scoring_examples: int = Field(256, ge=1)
-    scoring_languages: list[str] | None = None  # default: the evaluation languages (each its own data)
+    scoring_languages: list[str] | None = Field(None, min_length=1)   # default: the evaluation languages
     drop_layers: int = Field(0, ge=0)
-    options: dict[str, Any] = Field(default_factory=dict)   # algorithm-specific (e.g. L0 temperature)
+    options: dict[str, Any] = Field(default_factory=dict)   # the algorithm's own (typed by it, e.g. L0's lr)
 
     @field_validator("sparsity")
     @classmethod
@@ -78,9 +84,66 @@ class PruningConfig(Strict):
         return value
 
 
+class OneShotPruning(PruningConfig):
+    """Score once after fine-tuning, select, recover."""
+
+    schedule: Literal["one-shot"] = "one-shot"
+
+
+class IterativePruning(PruningConfig):
+    """``iterations`` rounds of score -> select, sparsity rising in equal steps, a share of the
+    recovery steps between rounds."""
+
+    schedule: Literal["iterative"] = "iterative"
+    iterations: int = Field(3, ge=1)            # rounds of prune-rescore
+
+
+class GradualPruning(PruningConfig):
+    """Prune while fine-tuning (Zhu & Gupta's cubic ramp): every ``prune_every`` steps re-score and
+    tighten the mask, reaching ``sparsity`` after ``ramp_fraction`` of the fine-tuning steps."""
+
+    schedule: Literal["gradual"] = "gradual"
+    prune_every: int = Field(10, ge=1)
+    ramp_fraction: float = Field(0.8, gt=0, le=1)
+
+
+class DynamicPruning(PruningConfig):
+    """Dynamic Sparsification: train once, evaluate every level (its settings: the ``dynamic`` section)."""
+
+    schedule: Literal["dynamic"] = "dynamic"
+
+
+SCHEDULES: dict[str, type[PruningConfig]] = {"one-shot": OneShotPruning, "iterative": IterativePruning,
+                                             "gradual": GradualPruning, "dynamic": DynamicPruning}
+
+
+def with_schedule(pruning: dict, schedule: str) -> dict:
+    """A pruning section (as a dict) switched to ``schedule``: the old schedule's own fields dropped."""
+    fields = SCHEDULES[schedule].model_fields
+    return {**{k: v for k, v in pruning.items() if k in fields}, "schedule": schedule}
+
+
+def _schedule_of(value: Any) -> str | None:
+    """The tag of a pruning section: its ``schedule`` (one-shot when it names none)."""
+    if isinstance(value, dict):
+        return value.get("schedule", "one-shot")
+    return getattr(value, "schedule", None)
+
+
+PruningSpec = Annotated[
+    Annotated[OneShotPruning, Tag("one-shot")] | Annotated[IterativePruning, Tag("iterative")]
+    | Annotated[GradualPruning, Tag("gradual")] | Annotated[DynamicPruning, Tag("dynamic")],
+    Discriminator(_schedule_of, custom_error_type="schedule",
+                  custom_error_message=f"pruning.schedule: expected one of {', '.join(SCHEDULES)}"),
+]
+
+
 class RecoveryConfig(Strict):
     steps: int = Field(50, ge=0)
     learning_rate: float = Field(3e-5, gt=0)
+    # Train the physically shrunk model (a step costs what the kept model costs); false keeps the
+    # full-size model under gates, as before (1.6x a dense step at 50% sparsity), for comparison.
+    shrink: bool = True
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
 
 
@@ -119,7 +182,7 @@ class DynamicConfig(Strict):
 
 class EfficiencyConfig(Strict):
     latency: bool = True
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 8], min_length=1)
     sequence_length: int = Field(128, ge=1)
     repeats: int = Field(5, ge=1)
     warmup: int = Field(2, ge=0)
@@ -139,17 +202,28 @@ class TrackingConfig(Strict):
     uri: str | None = None                      # None: start (or reuse) a local server on 127.0.0.1
     experiment: str = "raysparse"
     log_models: Literal["all", "one", "none"] = "one"   # shrunk models to log (per-language: one per language)
+    # logged models leave out tensors identical to model.source's (its word embeddings) and record its
+    # hash; raysparse.load_model fills them in, `raysparse export` writes the self-contained form
+    lean_models: bool = True
 
 
 class RunSpec(Strict):
     """One experiment: fine-tune, score, select, recover, evaluate, shrink, measure."""
 
     name: str = "run"
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_name(cls, value: str) -> str:
+        """Names become folder and run names: a path would write outside the storage folder."""
+        if not value.strip() or "/" in value or "\\" in value or value.strip(".") == "":
+            raise ValueError(f"expected a name without path separators (e.g. xnli-gradient-50), got {value!r}")
+        return value
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    pruning: PruningSpec = Field(default_factory=OneShotPruning)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     dynamic: DynamicConfig = Field(default_factory=DynamicConfig)   # used when pruning.schedule is dynamic
     efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
@@ -167,6 +241,11 @@ class RunSpec(Strict):
         if self.pruning.algorithm not in ALGORITHMS:
             raise ValueError(f"pruning.algorithm: unknown algorithm '{self.pruning.algorithm}' "
                              f"(expected one of: {', '.join(sorted(ALGORITHMS))})")
+        options = ALGORITHMS[self.pruning.algorithm].Options
+        try:
+            options.model_validate({k: v for k, v in self.pruning.options.items() if v is not None})
+        except ValidationError as exc:
+            raise ValueError(_format_error(exc, options, prefix="pruning.options")) from None
         if self.pruning.schedule == "dynamic":
             if self.pruning.setting != "shared":
                 raise ValueError("pruning.setting: the dynamic schedule trains one shared network (expected 'shared')")
@@ -176,24 +255,59 @@ class RunSpec(Strict):
         return self
 
 
-def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the config object that holds the key at ``loc``."""
+def variants_of(annotation: Any) -> dict[str, type[BaseModel]]:
+    """The config classes a field may hold, by tag (a discriminated union) or alone (``{"": cls}``)."""
+    if hasattr(annotation, "model_fields"):
+        return {"": annotation}
+    variants = {}
+    for arg in get_args(annotation):
+        tags = [m.tag for m in getattr(arg, "__metadata__", ()) if isinstance(m, Tag)]
+        inner = get_args(arg)[0] if get_origin(arg) is Annotated else arg
+        for tag in tags or [""]:
+            variants.update(variants_of(inner) if not tag else {tag: inner})
+    return variants
+
+
+def _walk(model_cls: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, list[str]]:
+    """The config class that holds the key at ``loc``, and the path without union tags."""
     current: Any = model_cls
-    for part in loc[:-1]:
+    path: list[str] = []
+    parts = list(loc)
+    while parts:
+        part = str(parts.pop(0))
+        path.append(part)
+        if not parts:
+            break
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
-            return []
-        current = field.annotation
-    return list(getattr(current, "model_fields", {}))
+            return None, [*path, *map(str, parts)]
+        variants = variants_of(field.annotation)
+        if parts and str(parts[0]) in variants and "" not in variants:
+            current = variants[str(parts.pop(0))]
+        else:
+            current = variants.get("", None)
+    return current, path
 
 
-def _format_error(error: ValidationError, model_cls: type[BaseModel]) -> str:
+def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the config object that holds the key at ``loc``."""
+    holder, _ = _walk(model_cls, loc)
+    return list(getattr(holder, "model_fields", {}))
+
+
+def _format_error(error: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> str:
     first = error.errors()[0]
-    path = ".".join(str(p) for p in first["loc"])
+    _, parts = _walk(model_cls, tuple(first["loc"]))
+    path = ".".join([prefix, *parts] if prefix else parts)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(model_cls, first["loc"])
+        owners = [tag for tag, cls in SCHEDULES.items() if parts[0] == "pruning" and parts[-1] in cls.model_fields]
+        if len(parts) == 2 and owners:
+            return f"{path}: only the {' and '.join(owners)} schedule takes it (set pruning.schedule)"
         message = "unknown key" + (f" (expected one of: {', '.join(allowed)})" if allowed else "")
+    elif first["type"] == "schedule":
+        return f"{message}, got {_schedule_of(first['input'])!r}"
     elif "input" in first and first["type"] not in ("value_error",) and not isinstance(first["input"], dict):
         message = f"{message}, got {first['input']!r}"
     if message.startswith(tuple(f"{name}." for name in model_cls.model_fields)) or not path:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raysparse.config import RunSpec, parse
+from raysparse.config import RunSpec, parse, with_schedule
 from raysparse.errors import RaysparseError
+from raysparse.metric_keys import AVG, avg_key, metric_key
 from raysparse.runner import RunResult, as_spec
 from raysparse.training.dynamic import curve_plot, curve_table, level_key, split_curve
 
@@ -27,7 +28,7 @@ from raysparse.training.dynamic import curve_plot, curve_table, level_key, split
 def dynamic_spec(spec: RunSpec | dict | str | Path) -> RunSpec:
     """``spec`` validated, with ``pruning.schedule: dynamic``."""
     data = as_spec(spec).model_dump()
-    data["pruning"]["schedule"] = "dynamic"
+    data["pruning"] = with_schedule(data["pruning"], "dynamic")
     return parse(RunSpec, data)
 
 
@@ -55,8 +56,8 @@ class DynamicResult:
 
         return get_task(self.task).primary_metric
 
-    def quality(self, level: float, language: str = "avg") -> float:
-        return self.curve[level][f"{self.task}/{language}/{self.metric}"]
+    def quality(self, level: float, language: str = AVG) -> float:
+        return self.curve[level][metric_key(self.task, language, self.metric)]
 
     def table(self) -> str:
         return curve_table(self.run.metrics, self.grid, self.task, self.metric, self.run.languages.get("evaluation"))
@@ -126,7 +127,7 @@ def separate_spec(spec: RunSpec, level: float) -> RunSpec:
     data = spec.model_dump()
     dyn = spec.dynamic
     data["name"] = f"{spec.name}-separate-{level_key(level)}"
-    data["pruning"].update({"schedule": "one-shot", "sparsity": level})
+    data["pruning"] = {**with_schedule(data["pruning"], "one-shot"), "sparsity": level}
     data["recovery"].update({"steps": dyn.steps, "learning_rate": dyn.learning_rate})
     data["recovery"]["distillation"].update({"enabled": dyn.distill, "temperature": dyn.temperature,
                                              "alpha": dyn.alpha})
@@ -144,9 +145,9 @@ class Comparison:
     separate: dict[float, RunResult]
     separate_seconds: dict[float, float] = field(default_factory=dict)
 
-    def quality(self, level: float, language: str = "avg") -> tuple[float, float]:
+    def quality(self, level: float, language: str = AVG) -> tuple[float, float]:
         """(DS, separate) quality at ``level``."""
-        key = f"{self.task}/{language}/{self.metric}"
+        key = metric_key(self.task, language, self.metric)
         return self.dynamic.curve[level].get(key, float("nan")), self.separate[level].metrics.get(key, float("nan"))
 
     @property
@@ -243,7 +244,7 @@ def compare_with_separate_runs(spec: RunSpec | dict | str | Path, address: str |
         separate[level] = run(separate_spec(spec, level), address=address, verbose=False)
         seconds[level] = time.time() - started
         if verbose:
-            value = separate[level].metrics.get(f"{spec.data.task}/avg/{get_task(spec.data.task).primary_metric}")
+            value = separate[level].metrics.get(avg_key(spec.data.task, get_task(spec.data.task).primary_metric))
             print(f"[compare] separate run at {level_key(level)}: avg {value:.3f} ({seconds[level]:.0f}s)", flush=True)
     task = get_task(spec.data.task)
     comparison = Comparison(task.name, task.primary_metric, levels, dynamic, separate, seconds)

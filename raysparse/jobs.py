@@ -61,28 +61,6 @@ def check_spec(path: str | Path, kind: Kind | None = None, budget: str | None = 
     return spec
 
 
-def check_entrypoint(entrypoint: str, root: str | Path = ".") -> tuple[str, Path | None]:
-    """(command, spec path) of ``raysparse COMMAND [SPEC] ...``; the command and its options must
-    parse with raysparse's own CLI, and a run/search spec must exist under ``root`` and validate."""
-    from raysparse.cli import COMMANDS, build_parser
-
-    words = shlex.split(entrypoint)
-    if words[:3] == ["python", "-m", "raysparse.cli"]:
-        words = ["raysparse", *words[3:]]
-    if not words or Path(words[0]).name != "raysparse":
-        raise RaysparseError(f"entrypoint: expected 'raysparse COMMAND ...', got {entrypoint!r}")
-    try:
-        args = build_parser().parse_args(words[1:])
-    except SystemExit:
-        raise RaysparseError(f"entrypoint: {entrypoint!r} does not parse as a raysparse command "
-                             f"(commands: {', '.join(sorted(COMMANDS))})") from None
-    if args.command not in ("run", "search"):
-        return args.command, None
-    spec = Path(root) / args.spec
-    check_spec(spec, args.command, args.budget, args.set or [])
-    return args.command, spec
-
-
 def entrypoint_for(kind: Kind, spec: str, resume: bool = False, budget: str | None = None,
                    overrides: Sequence[str] = ()) -> str:
     """`python -m raysparse.cli`: works where raysparse is installed and where only the working dir has it."""
@@ -204,5 +182,5 @@ def wait(client, job_id: str, command: str, timeout: float = 60.0) -> JobOutcome
         time.sleep(1)
 
 
-__all__ = ["JobOutcome", "check_entrypoint", "check_runtime_env", "check_spec", "entrypoint_for",
+__all__ = ["JobOutcome", "check_runtime_env", "check_spec", "entrypoint_for",
            "load_runtime_env", "runtime_env_for", "spec_kind", "submit"]

@@ -33,3 +33,15 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
 def hub_allowed() -> bool:
     """Hub access is opt-in: only when RAYSPARSE_ALLOW_HUB=1 and HF_HUB_OFFLINE is not set."""
     return os.environ.get("RAYSPARSE_ALLOW_HUB") == "1" and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "")
+
+
+def check_output(out: str | Path, *inputs: str) -> None:
+    """Refuse, before any work, an output folder that is (or holds) an input or is a file."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise RaysparseError(f"out: {out} is a file (expected a folder)")
+    for source in inputs:
+        path = Path(source).expanduser()
+        if path.exists() and (out == path.resolve() or path.resolve() in out.parents
+                              or out in path.resolve().parents):
+            raise RaysparseError(f"out: {out} would overwrite the input {path} (expected a separate folder)")

@@ -15,6 +15,7 @@ from typing import Any
 
 from raysparse.config import RunSpec, load_spec, parse
 from raysparse.errors import RaysparseError, first_line
+from raysparse.metric_keys import AGGREGATES, metric_key
 from raysparse.tracking.runs import flatten, open_run, spec_key
 
 FORWARDED_ENV = ("RAYSPARSE_DATA", "RAYSPARSE_CACHE", "HF_HUB_OFFLINE", "RAYSPARSE_ALLOW_HUB", "HF_HOME",
@@ -31,10 +32,10 @@ class RunResult:
     languages: dict[str, list[str]] = field(default_factory=dict)
 
     def table(self, task: str, metric: str) -> str:
-        langs = [*self.languages.get("evaluation", []), "avg", "worst"]
+        langs = [*self.languages.get("evaluation", []), *AGGREGATES]
         lines = [f"{'language':10} {metric:>10}"]
         for lang in langs:
-            value = self.metrics.get(f"{task}/{lang}/{metric}")
+            value = self.metrics.get(metric_key(task, lang, metric))
             if value is not None:
                 lines.append(f"{lang:10} {value:10.4f}")
         return "\n".join(lines)
@@ -64,19 +65,12 @@ def resolve_languages(spec: RunSpec) -> dict[str, list[str]]:
     if unknown:
         raise RaysparseError(f"data.languages: {', '.join(unknown)} not available for {task.name} "
                              f"(available: {', '.join(present)})")
-    if task.kind == "retrieval":
-        trainable = set(present_languages("xnli", spec.data.dir)) - {"en"}
-        candidates = [lang for lang in evaluation if lang in trainable]
-        finetune = candidates
-    else:
-        trainable = set(present)
-        candidates = evaluation
-        finetune = {"zero-shot": ["en"], "translate-train": sorted({"en", *evaluation}),
-                    "in-language": list(evaluation)}[spec.data.regime]
-    scoring = spec.pruning.scoring_languages or candidates
+    plan = task.strategy.training_languages(task, present, evaluation, spec.data.regime, spec.data.dir)
+    trainable, finetune = plan.trainable, plan.finetune
+    scoring = spec.pruning.scoring_languages or plan.candidates
     missing = [lang for lang in [*scoring, *finetune] if lang not in trainable]
     if missing:
-        source = "XNLI translation pairs" if task.kind == "retrieval" else "training rows"
+        source = task.strategy.training_source
         raise RaysparseError(f"pruning.scoring_languages: no {source} for {', '.join(sorted(set(missing)))} "
                              f"(available: {', '.join(sorted(trainable))})")
     if not scoring or not finetune:
@@ -93,7 +87,29 @@ def preflight(spec: RunSpec) -> dict[str, list[str]]:
     location = resolve_model(spec.model.source)
     if not Path(location, "raysparse.json").is_file():
         check_architecture(location, spec.model.trust_remote_code)
+    check_lengths(spec, location)
+    storage = spec.storage or os.environ.get("RAYSPARSE_STORAGE")
+    if storage and "://" not in storage and Path(storage).expanduser().exists() and not Path(storage).expanduser().is_dir():
+        raise RaysparseError(f"storage: {storage} is a file (expected a folder for checkpoints and the stage cache)")
     return languages
+
+
+def check_lengths(spec: RunSpec, location: str) -> None:
+    """Sequence lengths the model's positions cannot hold fail here, not after the whole run."""
+    import json
+
+    try:
+        config = json.loads(Path(location, "config.json").read_text())
+    except (OSError, ValueError):
+        return   # check_architecture / the loader say what is wrong with the folder
+    positions = int(config.get("max_position_embeddings", 0) or 0)
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= 2   # positions start after the padding index
+    for field, value in (("data.max_length", spec.data.max_length),
+                         ("efficiency.sequence_length", spec.efficiency.sequence_length)):
+        if positions > 0 and value > positions:
+            raise RaysparseError(f"{field}: {value} is longer than the model's {positions} positions "
+                                 f"(expected at most {positions})")
 
 
 def storage_path(root: str | None) -> str:
@@ -166,16 +182,13 @@ def trainer_for(spec: RunSpec, languages: dict, tracking_uri: str | None, run_id
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if spec.pruning.schedule == "dynamic":
-        from raysparse.training.dynamic import train_loop_per_worker
-    else:
-        from raysparse.training.worker import train_loop_per_worker
+    from raysparse.training.pipeline import train_loop_per_worker
 
     resources = spec.resources
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(), "languages": languages, "tracking_uri": tracking_uri,
-                           "run_id": run_id, "threads": max(1, round(resources.cpus_per_worker))},
+                           "run_id": run_id, "storage": storage, "threads": max(1, round(resources.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage,
@@ -211,6 +224,20 @@ def fit_tracked(trainer, tracking_uri: str, run_id: str, what: str, hint: str = 
     return result
 
 
+def run_in_process(spec: RunSpec | dict | str | Path, checkpoints: str | Path | None = None):
+    """Execute ``spec`` in this process, without Ray and without MLflow: the same stages a run's
+    workers execute. ``checkpoints``: a folder to checkpoint into (a rerun resumes from it).
+    Returns the finished pipeline (its ``model`` is the pruned model, ``state`` its masks and metrics)."""
+    from raysparse.training.pipeline import build_pipeline
+    from raysparse.training.session import LocalSession
+
+    spec = as_spec(spec)
+    languages = preflight(spec)
+    pipeline = build_pipeline(spec, languages, LocalSession(checkpoints), storage=storage_path(spec.storage))
+    pipeline.execute()
+    return pipeline
+
+
 def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: bool = True) -> RunResult:
     """Execute one experiment on Ray Train and track it in MLflow. Resumes if it ran before."""
     from raysparse.data.tasks import get_task
@@ -244,5 +271,5 @@ def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: 
     return out
 
 
-__all__ = ["RunResult", "as_spec", "ensure_ray", "fit_tracked", "flatten", "preflight", "resolve_languages", "run",
-           "run_params", "run_tags", "trainer_for"]
+__all__ = ["RunResult", "as_spec", "ensure_ray", "fit_tracked", "flatten", "preflight",
+           "resolve_languages", "run", "run_in_process", "run_params", "run_tags", "trainer_for"]

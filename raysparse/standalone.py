@@ -1,28 +1,32 @@
-"""One-shot or iterative pruning of an encoder on retrieval data, without Ray.
+"""`raysparse prune`: one-shot or iterative pruning of an encoder for retrieval, in this process.
 
-score (any registered algorithm) -> select a mask -> shrink physically -> optionally
-recover with a contrastive loss on translation pairs -> evaluate Tatoeba -> save.
-This is the foundation's end-to-end path (`raysparse prune`); Ray Train runs build
-the same steps into trials.
+It builds a run spec from its arguments (:func:`prune_spec`) and executes the run pipeline
+without Ray or MLflow: score (any registered algorithm) -> select a mask -> shrink
+physically -> optionally recover on XNLI translation pairs -> evaluate Tatoeba, dense and
+pruned -> measure -> save. ``raysparse run`` executes the very same stages on Ray Train.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import random
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import yaml
 
-from raysparse.errors import RaysparseError, expect
-from raysparse.models.sources import EMBEDDED, load_encoder, load_tokenizer
-from raysparse.pruning import Selection, UnitScores, check_sparsity, get_algorithm, prune_schedule
-from raysparse.structure import Mask, Size, measure, save_pruned, shrink
-from raysparse.training.retrieval import contrastive_loss, encode, pair_batches, top1_accuracy
+from raysparse.config import RunSpec, parse
+from raysparse.metric_keys import avg_key, languages_in, metric_key, worst_key
+from raysparse.models.sources import EMBEDDED
+from raysparse.paths import check_output
+from raysparse.pruning import UnitScores
+from raysparse.structure import Mask, Size, save_pruned
+from raysparse.training.retrieval import encode, top1_accuracy
+from raysparse.training.worker import SHARED
 
-SCORING_SOURCES = ("xnli", "tatoeba")
+TASK, METRIC = "tatoeba", "accuracy"   # what `raysparse prune` evaluates
 
 
 @dataclass
@@ -48,7 +52,7 @@ class PruneResult:
             (f"GFLOPs/seq@{self.dense.sequence_length}", f"{self.dense.flops_per_sequence / 1e9:.2f}",
              f"{self.pruned.flops_per_sequence / 1e9:.2f}"),
         ]
-        for key in ("tatoeba/avg/accuracy", "tatoeba/worst/accuracy"):
+        for key in (avg_key(TASK, METRIC), worst_key(TASK, METRIC)):
             if key in self.quality.get("dense", {}):
                 rows.append((key, f"{self.quality['dense'][key]:.3f}", f"{self.quality['pruned'][key]:.3f}"))
         width = max(len(r[0]) for r in rows)
@@ -58,10 +62,9 @@ class PruneResult:
 
     def language_table(self) -> str:
         dense, pruned = self.quality.get("dense", {}), self.quality.get("pruned", {})
-        langs = sorted(k.split("/")[1] for k in dense if k.endswith("/accuracy") and k.split("/")[1] not in ("avg", "worst"))
         lines = [f"{'lang':6}  {'dense':>7}  {'pruned':>7}"]
-        lines += [f"{lang:6}  {dense[f'tatoeba/{lang}/accuracy']:7.3f}  {pruned[f'tatoeba/{lang}/accuracy']:7.3f}"
-                  for lang in langs]
+        lines += [f"{lang:6}  {dense[metric_key(TASK, lang, METRIC)]:7.3f}  {pruned[metric_key(TASK, lang, METRIC)]:7.3f}"
+                  for lang in languages_in(dense, TASK, METRIC)]
         return "\n".join(lines)
 
 
@@ -80,109 +83,70 @@ def tatoeba_quality(model, tokenizer, pairs: dict[str, tuple[list[str], list[str
     return aggregate(per_language, "tatoeba")
 
 
-def recover(model, batches: list, steps: int, learning_rate: float, seed: int = 0, log_every: int = 10) -> list[float]:
-    """Fine-tune a (shrunk) model with the contrastive loss; returns the loss curve."""
-    if steps <= 0:
-        return []
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    model.train()
-    losses, started = [], time.time()
-    for step in range(steps):
-        loss = contrastive_loss(model, batches[step % len(batches)])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            elapsed = time.time() - started
-            eta = elapsed / (step + 1) * (steps - step - 1)
-            print(f"  recover step {step + 1}/{steps}  loss {loss:.4f}  eta {eta:.0f}s", flush=True)
-    model.eval()
-    return losses
+def prune_spec(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradient", *,
+               languages: list[str] | None = None, scoring_pairs: int = 256, batch_size: int = 16, steps: int = 1,
+               scope: str = "global", normalize: str = "l2", round_to: int = 1, recover_steps: int = 0,
+               learning_rate: float = 3e-5, eval_pairs: int = 200, seed: int = 0, sequence_length: int = 128,
+               data_dir: str | None = None, latency: bool = True) -> RunSpec:
+    """The run spec ``raysparse prune`` executes: Tatoeba, no fine-tuning, XNLI translation pairs
+    for scoring and recovery, the dense model evaluated beside the pruned one, nothing tracked."""
+    return parse(RunSpec, {
+        "name": "prune", "seed": seed, "model": {"source": model},
+        "data": {"task": "tatoeba", "dir": data_dir, "languages": languages, "max_eval_examples": eval_pairs,
+                 "evaluate_dense": True},
+        "finetune": {"steps": 0, "batch_size": batch_size},
+        "pruning": {"algorithm": algorithm, "sparsity": sparsity, "scope": scope, "normalize": normalize,
+                    "round_to": round_to, "scoring_examples": scoring_pairs,
+                    **({"schedule": "iterative", "iterations": steps} if steps > 1 else {})},
+        "recovery": {"steps": recover_steps, "learning_rate": learning_rate},
+        "efficiency": {"sequence_length": sequence_length, "latency": latency},
+        "tracking": {"log_models": "none"},
+    })
 
 
 def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradient", *,
-          languages: list[str] | None = None, scoring_data: str = "xnli", scoring_pairs: int = 256,
-          batch_size: int = 16, steps: int = 1, scope: str = "global", normalize: str = "l2", round_to: int = 1,
-          recover_steps: int = 0, learning_rate: float = 3e-5, eval_pairs: int = 200, seed: int = 0,
-          sequence_length: int = 128, out: str | Path | None = None, data_dir: str | None = None,
+          languages: list[str] | None = None, scoring_pairs: int = 256, batch_size: int = 16, steps: int = 1,
+          scope: str = "global", normalize: str = "l2", round_to: int = 1, recover_steps: int = 0,
+          learning_rate: float = 3e-5, eval_pairs: int = 200, seed: int = 0, sequence_length: int = 128,
+          out: str | Path | None = None, data_dir: str | None = None, latency: bool = True,
           verbose: bool = True) -> PruneResult:
-    """Prune ``model`` to ``sparsity`` with ``algorithm`` and report size and Tatoeba quality."""
-    from raysparse.data.parallel import parallel_pairs, tatoeba_pairs
+    """Prune ``model`` to ``sparsity`` with ``algorithm`` and report size and Tatoeba quality.
 
-    check_sparsity(sparsity)
-    expect(scoring_data in SCORING_SOURCES, f"scoring_data: expected one of {SCORING_SOURCES}, got {scoring_data!r}")
-    selection = Selection(scope=scope, normalize=normalize, round_to=round_to)
-    importance = get_algorithm(algorithm, **({"seed": seed} if algorithm == "random" else {}))
-    say = print if verbose else (lambda *a, **k: None)
-    seconds = {}
+    The pipeline of ``raysparse run`` executed in this process (:func:`prune_spec` says which
+    spec): the same spec and seed through ``raysparse run`` give the same mask and metrics.
+    """
+    from raysparse.runner import run_in_process
 
-    started = time.time()
-    evaluation = tatoeba_pairs(languages, max_pairs=eval_pairs, data_dir=data_dir) if eval_pairs else {}
-    languages = sorted(evaluation) if evaluation else languages
-    sources, targets = parallel_pairs(scoring_data, languages, max_pairs=scoring_pairs, seed=seed, data_dir=data_dir)
-    if not sources:
-        raise RaysparseError(f"scoring_data: no {scoring_data} pairs found for languages {languages}")
-    encoder, tokenizer = load_encoder(model), load_tokenizer(model)
-    batches = pair_batches(tokenizer, sources, targets, batch_size)
-    seconds["load"] = time.time() - started
-    say(f"loaded {model}: {len(sources)} {scoring_data} pairs for scoring ({len(batches)} batches), "
-        f"{len(evaluation)} Tatoeba languages for evaluation")
-
-    dense_size = measure(encoder, sequence_length)
-    quality = {}
-    if evaluation:
-        started = time.time()
-        quality["dense"] = tatoeba_quality(encoder, tokenizer, evaluation)
-        seconds["evaluate_dense"] = time.time() - started
-        say(f"dense Tatoeba avg {quality['dense']['tatoeba/avg/accuracy']:.3f} ({seconds['evaluate_dense']:.0f}s)")
-
-    started = time.time()
-    say(f"scoring with {algorithm} ({steps} round{'s' if steps > 1 else ''}) to encoder sparsity {sparsity}")
-
-    def between(mask: Mask, round_index: int) -> None:
-        say(f"  round {round_index + 1}/{steps}: {mask.summary()}")
-
-    history = prune_schedule(encoder, importance, sparsity, steps=steps,
-                             batches_for=lambda r: _shuffled(batches, seed + r), loss_fn=contrastive_loss,
-                             selection=selection, between=between)
-    mask, scores = history[-1].mask, history[-1].scores
-    seconds["score"] = time.time() - started
-    shrink(encoder, mask)
-    say(f"shrunk: {mask.summary()} ({seconds['score']:.0f}s)")
-
-    if recover_steps:
-        started = time.time()
-        say(f"recovering for {recover_steps} steps")
-        recover(encoder, batches, recover_steps, learning_rate, seed)
-        seconds["recover"] = time.time() - started
-
-    pruned_size = measure(encoder, sequence_length)
-    if evaluation:
-        started = time.time()
-        quality["pruned"] = tatoeba_quality(encoder, tokenizer, evaluation)
-        seconds["evaluate_pruned"] = time.time() - started
-
+    spec = prune_spec(model, sparsity, algorithm, languages=languages, scoring_pairs=scoring_pairs,
+                      batch_size=batch_size, steps=steps, scope=scope, normalize=normalize, round_to=round_to,
+                      recover_steps=recover_steps, learning_rate=learning_rate, eval_pairs=eval_pairs, seed=seed,
+                      sequence_length=sequence_length, data_dir=data_dir, latency=latency)
+    if out is not None:
+        check_output(out, model)
+    with contextlib.redirect_stdout(sys.stdout if verbose else io.StringIO()):
+        pipeline = run_in_process(spec)
+    metrics = pipeline.state.metrics
+    task = f"{spec.data.task}/"
+    quality = {"dense": {k.removeprefix("dense/"): v for k, v in metrics.items() if k.startswith(f"dense/{task}")},
+               "pruned": {k: v for k, v in metrics.items() if k.startswith(task)}}
+    seconds = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("cost/") and k.endswith("/wall_s")}
+    mask, scores = pipeline.state.masks[SHARED], pipeline.state.scores[SHARED]
+    dense_size, pruned_size = pipeline.sizes["dense"], pipeline.sizes[SHARED]
+    encoder = pipeline.model.encoder.eval()
     out_dir = None
     if out is not None:
-        out_dir = save_pruned(encoder, out, tokenizer=tokenizer,
+        out_dir = save_pruned(encoder, out, tokenizer=pipeline.tokenizer,
                               extra={"algorithm": algorithm, "sparsity": sparsity, "source": model})
         mask.save(out_dir / "mask.json")
         scores.save(out_dir / "scores.safetensors")
+        (out_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
         (out_dir / "result.json").write_text(json.dumps(
             {"dense": dense_size.as_dict(), "pruned": pruned_size.as_dict(), "quality": quality,
-             "seconds": seconds, "settings": {"algorithm": algorithm, "sparsity": sparsity, "steps": steps,
-                                              "scope": scope, "normalize": normalize, "round_to": round_to,
-                                              "scoring_data": scoring_data, "recover_steps": recover_steps,
-                                              "seed": seed, "languages": languages}}, indent=2))
+             "seconds": seconds, "speedup": {k: v for k, v in metrics.items() if k.startswith("speedup/")},
+             "settings": {"algorithm": algorithm, "sparsity": sparsity, "steps": steps, "scope": scope,
+                          "normalize": normalize, "round_to": round_to, "recover_steps": recover_steps,
+                          "seed": seed, "languages": pipeline.languages["evaluation"]}}, indent=2))
     return PruneResult(out_dir, mask, scores, dense_size, pruned_size, quality, seconds)
 
 
-def _shuffled(items: list, seed: int) -> list:
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items
-
-
-__all__ = ["PruneResult", "prune", "recover", "tatoeba_quality"]
+__all__ = ["PruneResult", "prune", "prune_spec", "tatoeba_quality"]

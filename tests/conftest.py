@@ -11,6 +11,17 @@ os.environ.setdefault("RAYSPARSE_DATA", str(DEFAULT_DATA))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# A test that uses any of these (directly or through another fixture) starts Ray or an MLflow server:
+# it is marked slow, so `make test-quick` (pytest -m "not slow") leaves it out. Tests that run a
+# notebook, or train, evaluate or benchmark e5 on real data carry the mark themselves.
+SLOW_FIXTURES = {"local_cluster", "ray_local", "tracking_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

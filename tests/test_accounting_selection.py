@@ -77,8 +77,10 @@ def test_selection_keeps_highest_scores_and_rounds_to_multiples():
 
 
 def test_per_layer_normalisation_protects_layers_with_small_scores():
-    heads = torch.cat([torch.rand(1, 12) * 0.01, torch.rand(1, 12) * 17])   # early layer scores 1/1700 of late
-    scores = UnitScores(heads, torch.rand(2, 64))
+    g = torch.Generator().manual_seed(0)
+    # every early-layer score (< 0.01) below every late-layer one (>= 1): raw ranking empties the early layer
+    heads = torch.cat([torch.rand(1, 12, generator=g) * 0.01, 1 + torch.rand(1, 12, generator=g) * 16])
+    scores = UnitScores(heads, torch.rand(2, 64, generator=g))
     raw = select_mask(scores, 0.5, 64, 8, Selection(normalize="none"))
     normalised = select_mask(scores, 0.5, 64, 8, Selection(normalize="l2"))
     assert raw.kept_heads[0].sum() == 0

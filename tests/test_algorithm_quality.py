@@ -8,6 +8,8 @@ from raysparse.standalone import tatoeba_quality
 from raysparse.structure import Encoder, apply_mask
 from raysparse.training.retrieval import contrastive_loss, pair_batches
 
+pytestmark = pytest.mark.slow   # scores and evaluates e5 on real pairs
+
 LANGUAGES = ["de", "ru", "zh", "ar"]
 
 

@@ -41,6 +41,7 @@ def report(dense, half):
                  devices=["cpu"], memory=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sizes_agree_with_measure_and_disk(report, dense, half):
     for name, model in (("dense", dense), ("half", half)):
@@ -60,6 +61,7 @@ def test_sizes_agree_with_measure_and_disk(report, dense, half):
     assert report.row("half", 1).encoder_sparsity == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_model_against_itself_is_one_within_spread(report):
     for batch in BATCHES:
@@ -71,6 +73,7 @@ def test_model_against_itself_is_one_within_spread(report):
         assert again.speedup_per_flop_ratio == pytest.approx(again.speedup)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_csv_round_trips_and_plot_and_table(report, tmp_path):
     rows = read_csv(report.to_csv(tmp_path / "bench.csv"))
@@ -82,6 +85,7 @@ def test_csv_round_trips_and_plot_and_table(report, tmp_path):
     assert "environment: torch" in table and "dense again" in table and "speedup/FLOP ratio" in table
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_logs_to_mlflow_only_inside_an_active_run(report, tmp_path, monkeypatch):
     import mlflow
@@ -110,6 +114,7 @@ def test_masked_models_are_refused(dense):
             bench({"masked": dense}, devices=["cpu"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_cli_runs_on_embedded_and_shrunk_copy(half, tmp_path, capsys):
     folder = save_pruned(half, tmp_path / "half")

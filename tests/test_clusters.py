@@ -9,8 +9,9 @@ import pytest
 import ray
 import yaml
 
+from raysparse.cli import check_entrypoint
 from raysparse.errors import RaysparseError
-from raysparse.jobs import check_entrypoint, check_runtime_env, load_runtime_env
+from raysparse.jobs import check_runtime_env, load_runtime_env
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO / "clusters"

@@ -23,6 +23,7 @@ def encoder(embedded_dir):
     return raysparse.load_model(str(embedded_dir))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_embedded_tatoeba_retrieval_without_finetuning(encoder, embedded_tokenizer, data_dir):
     result = evaluate(encoder, embedded_tokenizer, "tatoeba", data_dir=data_dir, max_examples=TATOEBA_PAIRS)
@@ -38,6 +39,7 @@ def test_embedded_tatoeba_retrieval_without_finetuning(encoder, embedded_tokeniz
     assert all(result.sources[lang].startswith(f"tatoeba/tatoeba.{lang}-eng.{lang}") for lang in present)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_evaluate_cli_prints_the_table(embedded_dir):
     proc = subprocess.run([sys.executable, "-m", "raysparse.cli", "evaluate", "embedded", "--task", "tatoeba",

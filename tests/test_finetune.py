@@ -48,6 +48,7 @@ def xnli(embedded_dir, embedded_tokenizer, data_dir):
     return model, losses, result
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_xnli_zero_shot_beats_majority(xnli, data_dir):
     model, losses, result = xnli
@@ -68,6 +69,7 @@ def test_xnli_zero_shot_beats_majority(xnli, data_dir):
     assert result.examples == dict.fromkeys(XNLI_LANGUAGES, XNLI_EXAMPLES)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_saved_task_model_reloads_to_the_same_numbers(xnli, embedded_tokenizer, tmp_path, data_dir, capsys):
     model, _, result = xnli
@@ -83,6 +85,7 @@ def test_saved_task_model_reloads_to_the_same_numbers(xnli, embedded_tokenizer, 
     assert "xnli: 1 language" in printed and "40 of 1176" in printed
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_per_language_masks_change_the_evaluation(xnli, embedded_tokenizer, data_dir):
     model, _, result = xnli
@@ -104,6 +107,7 @@ def test_per_language_masks_change_the_evaluation(xnli, embedded_tokenizer, data
     assert partly.masked_languages == ["de"] and "(unmasked: ru)" in partly.table()  # the es mask is not used
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_panx_tagging_smoke(embedded_dir, embedded_tokenizer, data_dir):
     model = build_task_model(raysparse.load_model(str(embedded_dir)), "panx")
@@ -123,6 +127,7 @@ def test_panx_tagging_smoke(embedded_dir, embedded_tokenizer, data_dir):
     assert "dev-de.tsv.gz, eval part" in result.sources["de"] and "all" in result.sources["en"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_mlqa_qa_smoke(embedded_dir, embedded_tokenizer, data_dir):
     model = build_task_model(raysparse.load_model(str(embedded_dir)), "mlqa")

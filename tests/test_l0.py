@@ -91,6 +91,7 @@ def test_gates_on_the_live_model_eval_is_deterministic_train_samples_once_per_st
     assert 0 < metrics["deterministic_sparsity"] < 1 and 0 < metrics["expected_sparsity"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_lagrangian_drives_expected_sparsity_to_target_on_real_pairs(model, embedded_tokenizer, data_dir):
     """The embedded model, contrastive loss on XNLI premise pairs; the loop follows the Importance call order.

@@ -42,6 +42,7 @@ def sparsity(mask):
 
 
 # --- movement ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_movement_accumulates_minus_weight_times_gradient_per_unit(model, batches):
     assert ALGORITHMS["movement"] is MovementImportance and MovementImportance.learns_during_training
@@ -76,6 +77,7 @@ def test_movement_accumulates_minus_weight_times_gradient_per_unit(model, batche
     assert float(scores.neurons[2, 7]) == pytest.approx(expected_neuron, rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_movement_one_shot_and_on_a_shrunk_model(model, batches):
     with pytest.raises(RaysparseError, match="needs scoring data"):

@@ -33,6 +33,7 @@ def test_search_spreads_over_nodes_and_survives_a_killed_node(local_cluster, ray
     storage = tmp_path / "storage"                  # one folder every node reaches (object storage on clusters)
     spec = tiny_search_spec(NAME, tiny_model_dir, tracking_server, storage, num_samples=TRIALS, max_concurrent=3,
                             finetune_steps=120, checkpoint_every=10)
+    spec["base"]["finetune"]["cache"] = False   # every trial fine-tunes (a cache hit would finish too soon to kill)
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(spec))
     log = open(tmp_path / "driver.log", "w")
@@ -48,7 +49,8 @@ def test_search_spreads_over_nodes_and_survives_a_killed_node(local_cluster, ray
                 tags = tags_of(run)
                 node_id = tags.get("raysparse.node_id")
                 seen_nodes.add(node_id)
-                checkpoints = list((storage / f"{NAME}-{tags['raysparse.trial_id']}").glob("checkpoint_*"))
+                # one-process trials checkpoint through Tune (in the trial's folder of the search)
+                checkpoints = list(storage.glob(f"*/*{tags['raysparse.trial_id']}*/checkpoint_*"))
                 if run["info"]["status"] == "RUNNING" and node_id in workers and checkpoints:
                     local_cluster.remove_node(workers[node_id])          # SIGKILL: the node is gone
                     killed = (tags["raysparse.trial_id"], node_id)

@@ -171,3 +171,37 @@ def test_rewiring_the_embedded_model_leaves_outputs_unchanged(embedded_model, em
     assert prefix_sparsity(model, 0.5) == pytest.approx(0.5, abs=1e-9)
     assert 0.08 < prefix_sparsity(model, 0.1) < 0.1
     assert prefix_sparsity(model, 0.1, match_sparsity=True) == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("model_cls,config_cls", FAMILIES)
+@pytest.mark.parametrize("level", [0.3, 0.7])
+def test_a_prefix_level_trains_at_its_own_size_with_the_gated_gradients(model_cls, config_cls, level):
+    """Dynamic Sparsification trains a level through weight views of its prefix: the same outputs and
+    the same gradients in the shared weights as gating the full-width model, at the level's cost."""
+    from raysparse.structure import UnitGates, attach_gates
+    from raysparse.structure.shrink import mask_rows_for
+    from raysparse.structure.slicing import prefix_lengths, prefix_slices
+
+    model = tiny(model_cls, config_cls)
+    rewire(model, random_scores(model))
+    model.train(False)
+    batch = inputs()
+    heads, neurons, layers = mask_rows_for(model, prefix_mask(model, level))
+    counts = prefix_lengths(heads), prefix_lengths(neurons)
+    assert None not in counts and bool(layers.all())
+
+    def forward_backward(context):
+        model.zero_grad(set_to_none=True)
+        with context:
+            out = model(**batch).last_hidden_state
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    gated_out, gated_grads = forward_backward(attach_gates(model, UnitGates(heads, neurons, layers)))
+    sliced_out, sliced_grads = forward_backward(prefix_slices(model, *counts))
+    torch.testing.assert_close(sliced_out, gated_out, atol=1e-5, rtol=1e-4)
+    assert sorted(sliced_grads) == sorted(gated_grads)
+    for name, grad in gated_grads.items():
+        torch.testing.assert_close(sliced_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert all("forward" not in vars(m) for m in model.modules()), "the slices outlived the block"
+    assert prefix_lengths([torch.tensor([1.0, 0.0, 1.0])]) is None

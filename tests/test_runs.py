@@ -163,6 +163,14 @@ BAD_SPECS = [
     ("prunning:\n  sparsity: 0.5\n", "prunning: unknown key"),
     ("model:\n  source: /no/such/model\n", "model.source: /no/such/model does not exist"),
     ("pruning: [1, 2\n", "is not valid YAML"),
+    ("name: ../../../x\n", "name: expected a name without path separators"),
+    ("name: a/b/c\n", "name: expected a name without path separators"),
+    ("data:\n  task: xnli\n  languages: []\n", "data.languages: List should have at least 1 item"),
+    ("efficiency:\n  batch_sizes: [0]\n", "efficiency.batch_sizes.0: Input should be greater than or equal to 1"),
+    ("data:\n  task: xnli\n  max_length: 4096\n", "data.max_length: 4096 is longer than the model's 512 positions"),
+    ("pruning:\n  iterations: 2\n", "pruning.iterations: only the iterative schedule takes it"),
+    ("pruning:\n  algorithm: l0\n  options: {beta: -1}\n", "pruning.options.beta: Input should be greater than 0"),
+    ("pruning:\n  schedule: sometimes\n", "pruning.schedule: expected one of one-shot, iterative, gradual, dynamic"),
 ]
 
 
@@ -171,7 +179,6 @@ BAD_SPECS = [
 def test_bad_specs_fail_before_ray_starts(text, expected, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    started = time.time()
     proc = subprocess.run([sys.executable, "-m", "raysparse.cli", "run", str(path)], capture_output=True, text=True,
                           timeout=100, env={**os.environ, "RAYSPARSE_MLFLOW_ROOT": str(tmp_path / "mlflow")})
     assert proc.returncode == 2, proc.stderr
@@ -179,4 +186,3 @@ def test_bad_specs_fail_before_ray_starts(text, expected, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr
     assert not (tmp_path / "mlflow").exists(), "no tracking server may start for a bad spec"
-    assert time.time() - started < 60

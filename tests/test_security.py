@@ -64,7 +64,7 @@ def test_runs_pass_the_specs_trust_remote_code_to_every_load():
     def loads(path: Path, names: set[str]) -> list[ast.Call]:
         return [c for o, n, c in call_sites(ast.parse(path.read_text())) if f"{o}.{n}" in names or n in names]
 
-    worker = loads(PACKAGE / "training" / "worker.py", {"raysparse.load_model", "raysparse.load_tokenizer"})
+    worker = loads(PACKAGE / "training" / "worker.py", {"load_encoder", "load_tokenizer"})
     assert len(worker) == 2 and all(ast.unparse(keyword(c, "trust_remote_code")) == "trust" for c in worker)
     assert "trust = self.spec.model.trust_remote_code" in (PACKAGE / "training" / "worker.py").read_text()
     preflight = loads(PACKAGE / "runner.py", {"check_architecture"})

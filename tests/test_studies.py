@@ -209,6 +209,7 @@ def test_report_notebook_pair_is_in_sync():
         code(jupytext.read(REPO / "notebooks" / "study_report.py")), "run: jupytext --sync notebooks/study_report.py"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_report_notebook_runs_on_a_stored_run_set(tmp_path):
     papermill.execute_notebook(

@@ -108,6 +108,7 @@ def test_trimmed_model_equals_full_model_on_trimming_corpus(full, embedded_token
         embedded_tokenizer.decode(full_ids["input_ids"][0], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_held_out_dropped_share_and_quality(full, embedded_tokenizer, trimmed, kept, held_out):
     model, tokenizer = trimmed

@@ -1,4 +1,4 @@
-"""Benchmark: depth versus width at equal removed parameters (PAPER.md, finding 3).
+"""Benchmark: depth versus width at equal removed parameters (docs/METHOD.md, finding 3).
 
 Drops the top 6 of the embedded model's 12 layers, and separately removes the same
 prunable parameters as heads and FFN neurons (magnitude scores, per layer); both shrunk

@@ -1,4 +1,4 @@
-"""Benchmark: vocabulary trimming makes the fast model small as well (PAPER.md, finding 3).
+"""Benchmark: vocabulary trimming makes the fast model small as well (docs/METHOD.md, finding 3).
 
 The embedded multilingual-e5-small against (a) 50% encoder sparsity alone (magnitude
 scores, per-layer selection, shrunk physically), (b) its vocabulary trimmed to the

@@ -14,6 +14,7 @@ from typing import Any
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "tasks": ("TASKS", "Task", "get_task", "task_names"),
+    "kinds": ("KINDS", "Kind", "kind_of"),
     "layout": ("DataFile", "find_data_files"),
     "load": ("BuccCorpus", "available_splits", "available_tasks", "data_file", "languages", "load_bucc_corpus", "load_split"),
     "hub": ("load_from_hub",),

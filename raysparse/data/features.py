@@ -262,7 +262,7 @@ def retrieval_features(
     rows: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int = 128, prefix: str = ""
 ) -> Dataset:
     """``source_*`` and ``target_*`` inputs, each sentence encoded alone; ``prefix`` is
-    prepended to both (e5 models expect ``"query: "``)."""
+    prepended to both (the model's ``raysparse.structure.retrieval_prompt``: e5's ``"query: "``)."""
 
     def encode(batch: dict) -> dict:
         columns = {}
@@ -281,13 +281,9 @@ def train_features(
 ) -> Dataset:
     """Training inputs for ``task``'s kind (QA: windows with answer positions)."""
     task = get_task(task)
-    if task.kind == "pair_classification":
-        return pair_features(rows, tokenizer, max_length)
-    if task.kind == "tagging":
-        return tagging_features(rows, tokenizer, max_length)
-    if task.kind == "qa":
-        return qa_train_features(rows, tokenizer, max_length, stride)
-    raise RaysparseError(f"data.task: '{task.name}' is a retrieval task and has no training features")
+    if not task.strategy.trainable:
+        raise RaysparseError(f"data.task: '{task.name}' is a {task.kind} task and has no training features")
+    return task.strategy.train_features(rows, tokenizer, max_length, stride)
 
 
 def eval_features(
@@ -300,8 +296,4 @@ def eval_features(
 ) -> Dataset:
     """Evaluation inputs for ``task``'s kind (QA: windows with offsets for post-processing)."""
     task = get_task(task)
-    if task.kind == "qa":
-        return qa_eval_features(rows, tokenizer, max_length, stride)
-    if task.kind == "retrieval":
-        return retrieval_features(rows, tokenizer, max_length, prefix)
-    return train_features(task, rows, tokenizer, max_length)
+    return task.strategy.eval_features(rows, tokenizer, max_length, stride, prefix)

@@ -29,6 +29,7 @@ from sklearn.metrics import accuracy_score
 from sklearn.metrics import f1_score as sklearn_f1
 
 from raysparse.errors import RaysparseError
+from raysparse.metric_keys import avg_key, check_languages, metric_key, worst_key
 
 # --- classification and tagging -----------------------------------------------------------
 
@@ -163,16 +164,14 @@ def aggregate(per_language: Mapping[str, Mapping[str, float]], task: str) -> dic
 
     A metric missing for some languages is averaged over the languages that have it.
     """
-    reserved = {"avg", "worst"} & set(per_language)
-    if reserved:
-        raise RaysparseError(f"metrics: '{sorted(reserved)[0]}' is reserved and cannot be a language code")
+    check_languages(per_language)
     flat: dict[str, float] = {}
     by_metric: dict[str, list[float]] = {}
     for language, scores in per_language.items():
         for metric, value in scores.items():
-            flat[f"{task}/{language}/{metric}"] = float(value)
+            flat[metric_key(task, language, metric)] = float(value)
             by_metric.setdefault(metric, []).append(float(value))
     for metric, values in by_metric.items():
-        flat[f"{task}/avg/{metric}"] = float(np.mean(values))
-        flat[f"{task}/worst/{metric}"] = float(min(values))
+        flat[avg_key(task, metric)] = float(np.mean(values))
+        flat[worst_key(task, metric)] = float(min(values))
     return flat

@@ -209,24 +209,12 @@ class _TaskFiles:
 
     def _group_keys(self, found: DataFile, rows: Dataset) -> tuple[list[str], str]:
         """Rows with equal keys stay on one side; parallel tasks key by the pivot's rows."""
-        kind = self.task.kind
-        if kind == "tagging":
-            return [f"row:{i}" for i in range(len(rows))], "sentence"
-        pivot = self._pivot(found) if self.task.parallel else found
-        pivot_rows = self._load(pivot)
-        if kind == "pair_classification":
-            if len(pivot_rows) != len(rows):
-                raise RaysparseError(
-                    f"{found.path}: has {len(rows)} rows but {pivot.label()} has {len(pivot_rows)} "
-                    f"(expected parallel files with one row per translated example)"
-                )
-            return [f"text:{s}" for s in pivot_rows["sentence1"]], f"{pivot.language} sentence1 of the same row"
-        # QA: questions on one paragraph stay together; parallel sets find it through the pivot's id.
-        pivot_context = dict(zip(pivot_rows["id"], pivot_rows["context"]))
-        keys = [
-            f"context:{pivot_context.get(qid, context)}" for qid, context in zip(rows["id"], rows["context"])
-        ]
-        return keys, f"{pivot.language} context of the same question id"
+
+        def pivot() -> tuple[DataFile, Dataset]:
+            pivot_file = self._pivot(found) if self.task.parallel else found
+            return pivot_file, self._load(pivot_file)
+
+        return self.task.strategy.group_keys(found, rows, pivot)
 
     def _pivot(self, found: DataFile) -> DataFile:
         """The language whose rows key every parallel file of this split: English if present."""
@@ -235,11 +223,4 @@ class _TaskFiles:
         return data_file(self.task, pivot, found.split, self.data_dir)
 
     def _check_labelled(self, found: DataFile, data: LanguageData) -> None:
-        if self.task.kind != "qa":
-            return
-        unlabelled = sum(1 for answers in data.rows["answers"] if not answers["text"])
-        if unlabelled:
-            raise RaysparseError(
-                f"{found.path}: {unlabelled} of its {len(data.rows)} questions have no gold answer (empty answer "
-                "texts, as in XTREME's unlabelled releases); expected labelled data to train or evaluate on"
-            )
+        self.task.strategy.check_labelled(found, data.rows)

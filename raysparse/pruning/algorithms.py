@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysparse.errors import RaysparseError
-from raysparse.pruning.registry import Importance, exclude_removed, register
+from raysparse.pruning.registry import Importance, Options, exclude_removed, register
 from raysparse.pruning.scores import UnitScores
 from raysparse.structure import Encoder, UnitGates, attach_gates, structure_of
 from raysparse.structure.shrink import mask_rows_for
@@ -94,6 +95,9 @@ class GradientImportance(Importance):
     """Michel et al. (2019): mean |dL/dgate| over batches, a gate on every head and neuron."""
 
     name = "gradient"
+
+    class Options(Options):
+        max_batches: int | None = Field(None, ge=1)   # scoring batches to read (None: all given)
     needs_data = True
 
     def __init__(self, max_batches: int | None = None):
@@ -137,6 +141,9 @@ class RandomImportance(Importance):
     """Uniform random scores: the floor any method must beat (compare several seeds)."""
 
     name = "random"
+
+    class Options(Options):
+        seed: int = 0                               # default: the run's seed
 
     def __init__(self, seed: int = 0):
         self.seed = seed

@@ -27,11 +27,12 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysparse.errors import RaysparseError, expect
 from raysparse.pruning.algorithms import _to_original
-from raysparse.pruning.registry import Importance, exclude_removed, register
+from raysparse.pruning.registry import Importance, Options, exclude_removed, register
 from raysparse.pruning.scores import UnitScores
 from raysparse.pruning.selection import Selection, check_sparsity, select_mask
 from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, params_per_head, params_per_neuron, structure_of
@@ -113,6 +114,20 @@ class L0Importance(Importance):
 
     name = "l0"
     learns_during_training = True
+
+    class Options(Options):
+        target_sparsity: float | None = Field(None, ge=0, lt=1)   # what the Lagrangian aims at (default: the run's)
+        beta: float = Field(2 / 3, gt=0)            # hard-concrete temperature
+        l: float = Field(-0.1, lt=0)                # stretch interval, lower end
+        r: float = Field(1.1, gt=1)                 # stretch interval, upper end
+        droprate_init: float = Field(0.5, gt=0, lt=1)   # initial P(drop): the mean of log_alpha
+        init_noise: float = Field(0.01, ge=0)       # std of the log_alpha initialisation
+        ramp_fraction: float = Field(0.3, ge=0, le=1)   # share of training over which the target ramps up
+        lr: float = Field(0.1, gt=0)                # learning rate of the log-alphas
+        lambda_lr: float = Field(0.03, gt=0)        # learning rate of lambda1
+        lambda2_lr: float = Field(1.0, gt=0)        # learning rate of lambda2 (well above lambda_lr)
+        fold_gates: bool = True                     # fold deterministic gates into the output weights
+        seed: int = 0
 
     def __init__(self, target_sparsity: float | None = None, beta: float = 2 / 3, l: float = -0.1, r: float = 1.1,
                  droprate_init: float = 0.5, init_noise: float = 0.01, ramp_fraction: float = 0.3,

@@ -16,12 +16,15 @@ selection from them (normalize="none") empties the least important layers first.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysparse.errors import RaysparseError, expect
 from raysparse.pruning.algorithms import mean_gate_gradients
-from raysparse.pruning.registry import Importance, exclude_removed, register
+from raysparse.pruning.registry import Importance, Options, exclude_removed, register
 from raysparse.pruning.scores import UnitScores
 from raysparse.pruning.selection import check_sparsity
 from raysparse.structure import Encoder, Mask, UnitGates, encoder_sparsity_of, structure_of
@@ -84,6 +87,11 @@ class LayerDropImportance(Importance):
     """
 
     name = "layerdrop"
+
+    class Options(Options):
+        by: Literal["position", "gradient"] = "position"   # what decides which layers go
+        drop_first: Literal["top", "bottom"] = "top"        # by position: the end that goes first
+        max_batches: int | None = Field(None, ge=1)         # by gradient: scoring batches to read
 
     def __init__(self, by: str = "position", drop_first: str = "top", max_batches: int | None = None):
         expect(by in BY, f"pruning.options.by: expected one of {', '.join(BY)}, got {by!r}")

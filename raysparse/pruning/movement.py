@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysparse.errors import RaysparseError
 from raysparse.pruning.algorithms import unit_sums
-from raysparse.pruning.registry import Importance, exclude_removed, register
+from raysparse.pruning.registry import Importance, Options, exclude_removed, register
 from raysparse.pruning.scores import UnitScores
 from raysparse.structure import Encoder, structure_of
 
@@ -56,6 +57,9 @@ class MovementImportance(Importance):
     """
 
     name = "movement"
+
+    class Options(Options):
+        max_batches: int | None = Field(None, ge=1)   # one-shot scoring batches to read (None: all given)
     needs_data = True
     learns_during_training = True
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from raysparse.errors import RaysparseError
@@ -13,6 +14,16 @@ from raysparse.pruning.scores import UnitScores
 from raysparse.structure import Mask
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class Options(BaseModel):
+    """An algorithm's typed options (``pruning.options`` in a spec), validated before any work.
+
+    A field named ``seed`` or ``target_sparsity`` that the spec leaves unset takes the run's
+    seed and ``pruning.sparsity``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class Importance:
@@ -25,6 +36,7 @@ class Importance:
     """
 
     name: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options    # the constructor's keyword arguments, typed
     needs_data: ClassVar[bool] = False
     learns_during_training: ClassVar[bool] = False   # True: the training loop drives the callbacks below
 
@@ -73,12 +85,29 @@ def register(cls: type[Importance]) -> type[Importance]:
 
 
 def get_algorithm(name: str, **options) -> Importance:
+    """The algorithm ``name`` built from ``options`` (checked against its ``Options``)."""
+    from pydantic import ValidationError
+
     if name not in ALGORITHMS:
         raise RaysparseError(f"pruning.algorithm: unknown algorithm '{name}' (expected one of: {', '.join(sorted(ALGORITHMS))})")
+    cls = ALGORITHMS[name]
     try:
-        return ALGORITHMS[name](**options)
-    except TypeError as exc:
-        raise RaysparseError(f"pruning.options: {name} does not accept these options ({exc})") from None
+        typed = cls.Options.model_validate(options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RaysparseError(f"pruning.options.{where}: {first['msg'].removeprefix('Value error, ')} "
+                             f"({name} takes: {', '.join(cls.Options.model_fields) or 'no options'})") from None
+    return cls(**typed.model_dump(exclude_unset=True))
+
+
+def algorithm_for(name: str, options: dict, seed: int, sparsity: float) -> Importance:
+    """The algorithm of a run: ``options`` (None values: the default) plus the run's seed and target
+    sparsity where the algorithm's ``Options`` declare them."""
+    fields = ALGORITHMS[name].Options.model_fields if name in ALGORITHMS else {}
+    given = {k: v for k, v in options.items() if v is not None}
+    run = {"seed": seed, "target_sparsity": sparsity}
+    return get_algorithm(name, **{**{k: v for k, v in run.items() if k in fields}, **given})
 
 
 def exclude_removed(scores: UnitScores, mask: Mask | None) -> UnitScores:

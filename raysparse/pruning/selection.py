@@ -1,6 +1,6 @@
 """Turn unit scores into a Mask at a target encoder sparsity.
 
-Heads and neurons are ranked separately (PAPER.md: a joint score-per-parameter ranking
+Heads and neurons are ranked separately (docs/METHOD.md: a joint score-per-parameter ranking
 removes almost every head) and each type loses the target share of its units; the
 neuron count absorbs the rounding of the head count, so the achieved encoder sparsity
 is the target to within half a neuron's parameters.

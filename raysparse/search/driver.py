@@ -14,9 +14,11 @@ from pathlib import Path
 
 from raysparse.config import load_spec, parse
 from raysparse.errors import RaysparseError
+from raysparse.metric_keys import AGGREGATES, AVG, languages_in, metric_key, parse_metric_key, task_keys, worst_of
 from raysparse.search.pareto import format_table, pareto_front, pareto_plot, quality_vs_sparsity_plot
 from raysparse.search.space import define_by_run
 from raysparse.search.spec import SearchSpec, check_search, preflight_trials
+from raysparse.search.trial import one_process
 from raysparse.tracking.runs import RunLogger, open_run, spec_key
 
 TRIAL_DRIVER_CPU = 0.25   # the trial function only waits on its TorchTrainer
@@ -41,14 +43,14 @@ class SearchResult:
 
     def language_table(self, task: str) -> str:
         """Quality per language of every finished trial (the task's first metric)."""
-        keys = sorted({k for r in self.rows for k in r if k.startswith(f"{task}/") and k.count("/") == 2})
+        keys = sorted({k.key for k in task_keys([k for r in self.rows for k in r], task)})
         if not keys:
             return "(no per-language metrics)"
-        metric = keys[0].split("/")[2]
-        languages = sorted({k.split("/")[1] for k in keys if k.endswith(f"/{metric}")} - {"avg", "worst"})
-        columns = ["trial", "algorithm", "setting", *languages, "avg", "worst"]
+        metric = parse_metric_key(keys[0]).metric
+        languages = languages_in(keys, task, metric)
+        columns = ["trial", "algorithm", "setting", *languages, *AGGREGATES]
         rows = [{"trial": r["trial"], "algorithm": r.get("algorithm"), "setting": r.get("setting"),
-                 **{c: r.get(f"{task}/{c}/{metric}") for c in [*languages, "avg", "worst"]}}
+                 **{c: r.get(metric_key(task, c, metric)) for c in [*languages, *AGGREGATES]}}
                 for r in self.rows if r["status"] == "done"]
         return format_table(rows, columns)
 
@@ -89,12 +91,21 @@ def _sampler(spec: SearchSpec, multi: bool):
                                       n_startup_trials=max(2, min(10, spec.num_samples // 3)))
 
 
+def trial_resources(base) -> dict[str, float]:
+    """What Tune reserves for a trial's own process: the whole trial when it runs in one process,
+    else only its driver (the TorchTrainer reserves its workers)."""
+    if one_process(base):
+        return {"cpu": base.resources.cpus_per_worker, "gpu": 1 if base.resources.use_gpu else 0}
+    return {"cpu": TRIAL_DRIVER_CPU}
+
+
 def check_resources(spec: SearchSpec) -> None:
     """A trial must fit the cluster; say so before any trial starts."""
     import ray
 
     base = spec.base_spec()
-    needed = base.resources.num_workers * base.resources.cpus_per_worker + TRIAL_DRIVER_CPU
+    needed = trial_resources(base)["cpu"] + (0 if one_process(base) else
+                                             base.resources.num_workers * base.resources.cpus_per_worker)
     available = ray.cluster_resources().get("CPU", 0)
     if needed > available:
         raise RaysparseError(f"base.resources: a trial needs {needed:g} CPUs ({base.resources.num_workers} workers x "
@@ -157,7 +168,7 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     context = {"name": spec.name, "key": key, "tracking_uri": tracking_uri, "experiment": spec.tracking.experiment,
                "parent_run_id": parent_run_id, "storage": storage}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(), search=context),
-                                    {"cpu": TRIAL_DRIVER_CPU})
+                                    trial_resources(base))
     if resume:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -177,8 +188,12 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent),
-            run_config=tune.RunConfig(name=experiment_name, storage_path=storage, verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+            run_config=tune.RunConfig(
+                name=experiment_name, storage_path=storage, verbose=1,
+                # one-process trials retry in Tune as TorchTrainer trials retry in Train
+                failure_config=tune.FailureConfig(max_failures=max(1, base.resources.max_failures)
+                                                  if one_process(base) else 1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
     try:
         grid = tuner.fit()
@@ -220,8 +235,9 @@ def _log_search(result: SearchResult, task: str) -> None:
     done = [r for r in result.rows if r["status"] == "done"]
     if len(metrics) >= 2 and done:
         log.figure(pareto_plot(done, result.front, metrics[1], metrics[0]), "search/pareto.png")
-    quality = next((m for m in metrics if m.startswith(f"{task}/avg/")), metrics[0])
-    worst = quality.replace("/avg/", "/worst/")
+    quality = next((m for m in metrics if (parsed := parse_metric_key(m)) is not None and parsed.task == task
+                    and parsed.language == AVG), metrics[0])
+    worst = worst_of(quality)
     if done:
         log.figure(quality_vs_sparsity_plot(done, quality, worst), "search/quality_vs_sparsity.png")
     log.finish("FINISHED")

@@ -19,6 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raysparse.errors import RaysparseError
+from raysparse.metric_keys import (
+    AGGREGATES,
+    AVG,
+    avg_key,
+    languages_in,
+    metric_key,
+    parse_metric_key,
+    task_keys,
+    worst_key,
+    worst_of,
+)
 from raysparse.search.pareto import (
     format_table,
     pareto_front,
@@ -46,20 +57,21 @@ class SearchReport:
     def tasks(self) -> list[str]:
         named = [r["task"] for r in self.rows if r.get("task")]
         if not named:   # rows without the task param: the task of the first per-language metric
-            named = [k.split("/")[0] for r in self.rows for k in r if k.count("/") == 2 and "/avg/" in k]
+            named = [parsed.task for r in self.rows for k in r
+                     if (parsed := parse_metric_key(k)) is not None and parsed.language == AVG]
         return list(dict.fromkeys(named))
 
     def quality_metric(self) -> str:
-        quality = [m for m, _ in self.objectives if "/avg/" in m]
+        quality = [m for m, _ in self.objectives
+                   if (parsed := parse_metric_key(m)) is not None and parsed.language == AVG]
         if quality:
             return quality[0]
-        keys = sorted({k for r in self.rows for k in r if k.startswith(f"{self.task}/avg/")})
+        keys = sorted({k.key for k in task_keys([k for r in self.rows for k in r], self.task) if k.language == AVG})
         return keys[0] if keys else ""
 
     def languages(self, task: str | None = None) -> list[str]:
         task = task or self.task
-        return sorted({k.split("/")[1] for r in self.rows for k in r if k.startswith(f"{task}/")
-                       and k.count("/") == 2 and k.split("/")[1] not in ("avg", "worst")})
+        return languages_in([k for r in self.rows for k in r], task)
 
     def front(self) -> list[dict]:
         if not self.objectives:
@@ -70,7 +82,7 @@ class SearchReport:
     def columns(self) -> list[str]:
         quality = self.quality_metric()
         wanted = ["trial", "run_name", "task", "algorithm", "setting", "schedule", "encoder_sparsity", quality,
-                  quality.replace("/avg/", "/worst/"), *[m for m, _ in self.objectives], "params/total", "bytes",
+                  worst_of(quality), *[m for m, _ in self.objectives], "params/total", "bytes",
                   "latency/pruned/b1_ms", "latency/pruned/b8_ms", "speedup/b8"]
         present = {k for r in self.rows for k in r}
         return [c for c in dict.fromkeys(wanted) if c and c in present]
@@ -79,9 +91,9 @@ class SearchReport:
         tables = []
         for task in self.tasks() or [self.task]:
             metric = _task_metric(task, self.quality_metric())
-            columns = ["run_name", *self.languages(task), "avg", "worst"]
+            columns = ["run_name", *self.languages(task), *AGGREGATES]
             rows = [{"run_name": r.get("run_name", r.get("trial")),
-                     **{c: r.get(f"{task}/{c}/{metric}") for c in columns[1:]}}
+                     **{c: r.get(metric_key(task, c, metric)) for c in columns[1:]}}
                     for r in self.rows if r.get("task", task) == task]
             tables.append((f"{task} ({metric}):\n" if len(self.tasks()) > 1 else "") + format_table(rows, columns))
         return "\n\n".join(tables)
@@ -94,14 +106,15 @@ class SearchReport:
 
 
 def _task_metric(task: str, quality: str) -> str:
-    if quality.startswith(f"{task}/"):
-        return quality.split("/")[-1]
+    parsed = parse_metric_key(quality)
+    if parsed is not None and parsed.task == task:
+        return parsed.metric
     try:
         from raysparse.search.study import primary_metric
 
         return primary_metric(task)
     except RaysparseError:
-        return quality.split("/")[-1]
+        return parsed.metric if parsed is not None else quality
 
 
 # --- reading MLflow ------------------------------------------------------------------------------------------
@@ -148,7 +161,7 @@ def _default_objectives(params: dict) -> list[tuple[str, str]]:
     from raysparse.data.tasks import get_task
 
     task = get_task(params.get("base.data.task", "xnli"))
-    return [(f"{task.name}/avg/{task.primary_metric}", "max")]
+    return [(avg_key(task.name, task.primary_metric), "max")]
 
 
 def _number(value: str | None) -> float | None:
@@ -263,7 +276,7 @@ def _trials_markdown(report: SearchReport) -> str:
     body = []
     for r in report.rows:
         metric = primary_metric(r["task"]) if r.get("task") else ""
-        avg, worst = r.get(f"{r.get('task')}/avg/{metric}"), r.get(f"{r.get('task')}/worst/{metric}")
+        avg, worst = r.get(avg_key(str(r.get("task")), metric)), r.get(worst_key(str(r.get("task")), metric))
         body.append([str(r.get("trial")), str(r.get("run_name")),
                      "–" if r.get("encoder_sparsity") is None else f"{r['encoder_sparsity']:.3f}",
                      "–" if avg is None else f"{avg:.3f}", "–" if worst is None else f"{worst:.3f}",

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, model_validator
 
-from raysparse.config import RunSpec, Strict
+from raysparse.config import RunSpec, Strict, variants_of
 from raysparse.errors import RaysparseError
 
 
@@ -51,14 +51,15 @@ class Param(Strict):
 
 
 def _has_path(model: type[BaseModel], path: str) -> bool:
-    current: Any = model
+    """Whether ``path`` names a spec field (in any variant of a union such as ``pruning``)."""
+    current: list[Any] = [model]
     for part in path.split("."):
-        fields = getattr(current, "model_fields", None)
-        if fields is None:
-            return current is dict or getattr(current, "__origin__", None) is dict or "dict" in str(current)
-        if part not in fields:
+        if all(getattr(c, "model_fields", None) is None for c in current):
+            return any(c is dict or getattr(c, "__origin__", None) is dict or "dict" in str(c) for c in current)
+        found = [c.model_fields[part].annotation for c in current if part in getattr(c, "model_fields", {})]
+        if not found:
             return False
-        current = fields[part].annotation
+        current = [variant for annotation in found for variant in (variants_of(annotation) or {"": annotation}).values()]
     return True
 
 
@@ -108,14 +109,24 @@ def check_space(space: Mapping[str, Param], base: dict) -> None:
             missing = [v for v in allowed if v not in seen[other].choice]
             if missing:
                 raise RaysparseError(f"space.{path}.when: {missing} never occur in {other}'s choices {seen[other].choice}")
+        # an algorithm's option is valid with the algorithm that takes it: try each the space may choose
+        algorithms = [None]
+        if path.startswith("pruning.options.") and "pruning.algorithm" in space:
+            algorithms += list(space["pruning.algorithm"].choice or [])
         for value in param.values_for_check():
-            trial = {**base}
-            trial = _deep_copy(trial)
-            set_path(trial, path, value)
-            try:
-                parse(RunSpec, trial)
-            except RaysparseError as exc:
-                raise RaysparseError(f"space.{path}: value {value!r} makes an invalid spec ({exc})") from None
+            errors = []
+            for algorithm in algorithms:
+                trial = _deep_copy({**base})
+                set_path(trial, path, value)
+                if algorithm is not None:
+                    set_path(trial, "pruning.algorithm", algorithm)
+                try:
+                    parse(RunSpec, trial)
+                    break
+                except RaysparseError as exc:
+                    errors.append(exc)
+            else:
+                raise RaysparseError(f"space.{path}: value {value!r} makes an invalid spec ({errors[0]})") from None
         seen[path] = param
 
 

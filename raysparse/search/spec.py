@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from raysparse.config import RunSpec, Strict, TrackingConfig, parse
 from raysparse.errors import RaysparseError
+from raysparse.metric_keys import avg_key, key_pattern, worst_key
 from raysparse.search.space import Param, check_space
 
 
@@ -28,7 +29,7 @@ class SearchSpec(Strict):
     seed: int = 0
     base: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Param] = Field(default_factory=dict)
-    objectives: list[Objective] = Field(default_factory=list)
+    objectives: list[Objective] | None = Field(None, min_length=1)   # left out: the task's avg metric, max
     num_samples: int = Field(4, ge=1)
     max_concurrent: int = Field(1, ge=1)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
@@ -47,7 +48,7 @@ class SearchSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SearchSpec":
-        if self.scheduler.type == "asha" and len(self.objectives) > 1:
+        if self.scheduler.type == "asha" and len(self.objectives or ()) > 1:
             raise ValueError(f"scheduler.type: asha takes one objective; got {len(self.objectives)} "
                              "(use type: none for multi-objective search)")
         return self
@@ -64,7 +65,7 @@ class SearchSpec(Strict):
         from raysparse.data.tasks import get_task
 
         task = get_task(self.base_spec().data.task)
-        return [Objective(metric=f"{task.name}/avg/{task.primary_metric}", mode="max")]
+        return [Objective(metric=avg_key(task.name, task.primary_metric), mode="max")]
 
 
 def reported_metric_patterns(base: RunSpec, space: dict[str, Param]) -> list[str]:
@@ -75,7 +76,7 @@ def reported_metric_patterns(base: RunSpec, space: dict[str, Param]) -> list[str
     patterns = []
     for name in tasks:
         task = get_task(name)
-        patterns.append(rf"{task.name}/[^/]+/({'|'.join(task.metric_names)})")
+        patterns.append(key_pattern(task.name, task.metric_names))
     patterns += [r"encoder_sparsity", r"params/(total|encoder|embedding)", r"bytes", r"flops",
                  r"dense/(params/total|bytes|flops)"]
     if base.efficiency.latency:
@@ -92,7 +93,8 @@ def check_search(spec: SearchSpec) -> RunSpec:
     for index, objective in enumerate(spec.resolved_objectives()):
         if not any(re.fullmatch(p, objective.metric) for p in patterns):
             raise RaysparseError(f"objectives[{index}].metric: '{objective.metric}' is not reported by any trial "
-                                 f"(expected e.g. {base.data.task}/avg/<metric>, {base.data.task}/worst/<metric>, "
+                                 f"(expected e.g. {avg_key(base.data.task, '<metric>')}, "
+                                 f"{worst_key(base.data.task, '<metric>')}, "
                                  "encoder_sparsity, bytes, latency/pruned/b<batch>_ms)")
     names = [o.metric for o in spec.resolved_objectives()]
     if len(set(names)) != len(names):

@@ -14,6 +14,8 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 
+from raysparse.metric_keys import AGGREGATES, avg_key, languages_in, metric_key, worst_key
+
 LABELS = ("variant", "algorithm", "setting", "schedule")   # what distinguishes curves, in this order
 
 
@@ -71,10 +73,7 @@ def tasks_of(items: Iterable[dict]) -> list[str]:
 
 
 def languages_of(items: Iterable[dict], task: str) -> list[str]:
-    metric = primary_metric(task)
-    found = {k.split("/")[1] for p in items for k in p if k.startswith(f"{task}/") and k.endswith(f"/{metric}")
-             and k.count("/") == 2}
-    return sorted(found - {"avg", "worst"})
+    return languages_in([k for p in items for k in p], task, primary_metric(task))
 
 
 # --- aggregation over seeds -------------------------------------------------------------------------------
@@ -130,13 +129,13 @@ def quality_table(items: Sequence[dict], task: str) -> str:
     cells = grouped(mine, labels)
     groups = list(dict.fromkeys(g for g, _ in cells))
     levels = sorted({level for _, level in cells})
-    header = ["sparsity", *[f"{g} {which}" for g in groups for which in ("avg", "worst")]]
+    header = ["sparsity", *[f"{g} {which}" for g in groups for which in AGGREGATES]]
     body = []
     for level in levels:
         row = [f"{level:g}"]
         for g in groups:
             found = cells.get((g, level), [])
-            row += [cell(found, f"{task}/avg/{metric}"), cell(found, f"{task}/worst/{metric}")]
+            row += [cell(found, avg_key(task, metric)), cell(found, worst_key(task, metric))]
         body.append(row)
     return markdown_table(header, body)
 
@@ -147,8 +146,8 @@ def language_table(items: Sequence[dict], task: str) -> str:
     labels = varying_labels(mine)
     metric = primary_metric(task)
     languages = languages_of(mine, task)
-    header = ["group", "sparsity", *languages, "avg", "worst"]
-    body = [[group, f"{level:g}", *[cell(found, f"{task}/{lang}/{metric}") for lang in [*languages, "avg", "worst"]]]
+    header = ["group", "sparsity", *languages, *AGGREGATES]
+    body = [[group, f"{level:g}", *[cell(found, metric_key(task, lang, metric)) for lang in [*languages, *AGGREGATES]]]
             for (group, level), found in grouped(mine, labels).items()]
     return markdown_table(header, body)
 
@@ -216,10 +215,11 @@ def dynamic_table(items: Sequence[dict], rows: Sequence[dict]) -> str:
               "separate worst", "DS − separate (points)", "separate CPU s"]
     body = []
     for level, ds, separate in dynamic_pairs(items):
-        gap = _gap(ds, separate, f"{task}/avg/{metric}")
-        body.append([f"{level:g}", cell(ds, "encoder_sparsity"), cell(ds, f"{task}/avg/{metric}"),
-                     cell(ds, f"{task}/worst/{metric}"), cell(separate, "encoder_sparsity"),
-                     cell(separate, f"{task}/avg/{metric}"), cell(separate, f"{task}/worst/{metric}"),
+        avg, worst = avg_key(task, metric), worst_key(task, metric)
+        gap = _gap(ds, separate, avg)
+        body.append([f"{level:g}", cell(ds, "encoder_sparsity"), cell(ds, avg),
+                     cell(ds, worst), cell(separate, "encoder_sparsity"),
+                     cell(separate, avg), cell(separate, worst),
                      "–" if gap is None else f"{gap:+.1f}",
                      "–" if not separate else f"{sum(stage_cost(p) for p in separate):.0f}"])
     footer = ""
@@ -279,11 +279,11 @@ def _settings_findings(items: Sequence[dict]) -> list[str]:
     for task in tasks_of(items):
         metric = primary_metric(task)
         mine = [p for p in items if p.get("task") == task]
-        diffs = {"avg": [], "worst": []}
+        diffs: dict[str, list[float]] = {which: [] for which in AGGREGATES}
         for level in sorted({p["level"] for p in mine}):
             at = [p for p in mine if p["level"] == level]
             for which, found in diffs.items():
-                key = f"{task}/{which}/{metric}"
+                key = metric_key(task, which, metric)
                 shared = _mean([p.get(key) for p in at if p.get("setting") == "shared"])
                 per = _mean([p.get(key) for p in at if p.get("setting") == "per-language"])
                 if shared is not None and per is not None:
@@ -311,7 +311,7 @@ def _algorithm_findings(items: Sequence[dict]) -> list[str]:
         levels = sorted({p["level"] for p in mine})
         means = {}
         for algorithm in dict.fromkeys(p.get("algorithm") for p in mine):
-            per_level = [_mean([p.get(f"{task}/avg/{metric}") for p in mine
+            per_level = [_mean([p.get(avg_key(task, metric)) for p in mine
                                 if p.get("algorithm") == algorithm and p["level"] == level]) for level in levels]
             if all(v is not None for v in per_level):
                 means[algorithm] = sum(per_level) / len(per_level)
@@ -320,7 +320,7 @@ def _algorithm_findings(items: Sequence[dict]) -> list[str]:
             lines.append(f"algorithms, {task}: mean avg {metric} over sparsities {', '.join(f'{lv:g}' for lv in levels)}: "
                          + ", ".join(f"{a} {means[a]:.3f}" for a in ranking))
         for level in levels:
-            seeds = [p.get(f"{task}/avg/{metric}") for p in mine if p.get("algorithm") == "random" and p["level"] == level]
+            seeds = [p.get(avg_key(task, metric)) for p in mine if p.get("algorithm") == "random" and p["level"] == level]
             _, spread, count = aggregate([{"v": v} for v in seeds if v is not None], "v")
             if count > 1:
                 lines.append(f"algorithms, {task}: random at {level:g} over {count} seeds: spread (sd) "
@@ -345,7 +345,7 @@ def _efficiency_findings(items: Sequence[dict]) -> list[str]:
 
 def _dynamic_findings(items: Sequence[dict], rows: Sequence[dict]) -> list[str]:
     task = tasks_of(items)[0]
-    key = f"{task}/avg/{primary_metric(task)}"
+    key = avg_key(task, primary_metric(task))
     gaps = [g for _, ds, sep in dynamic_pairs(items) if (g := _gap(ds, sep, key)) is not None]
     ds, separate = dynamic_costs(items, rows, "cpu_s")
     line = (f"dynamic sparsification, {task}: DS minus separate runs, mean over {len(gaps)} levels: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from raysparse.metric_keys import avg_key, metric_key, worst_key
 from raysparse.search.study import (
     dynamic_pairs,
     grouped,
@@ -50,8 +51,8 @@ def quality_vs_sparsity(items: Sequence[dict]):
     figure, panels = _task_panels(items)
     for axis, task, mine in panels:
         metric = primary_metric(task)
-        worst = _curves(mine, f"{task}/worst/{metric}")
-        for group, curve in _curves(mine, f"{task}/avg/{metric}").items():
+        worst = _curves(mine, worst_key(task, metric))
+        for group, curve in _curves(mine, avg_key(task, metric)).items():
             line, = axis.plot(*zip(*curve), "o-", label=group)
             if group in worst:
                 axis.plot(*zip(*worst[group]), "x--", color=line.get_color(), alpha=0.6)
@@ -69,7 +70,7 @@ def per_language(items: Sequence[dict]):
     for axis, task, mine in panels:
         metric, languages = primary_metric(task), languages_of(mine, task)
         for (group, level), found in grouped(mine, varying_labels(mine)).items():
-            values = [_mean([p.get(f"{task}/{lang}/{metric}") for p in found]) for lang in languages]
+            values = [_mean([p.get(metric_key(task, lang, metric)) for p in found]) for lang in languages]
             if languages and all(v is not None for v in values):
                 axis.plot(languages, values, "o-", alpha=0.8, label=f"{group} {level:g}")
         axis.set_title(task)
@@ -117,8 +118,8 @@ def dynamic_vs_separate(items: Sequence[dict]):
     pairs = dynamic_pairs(items)
     for which, index, style, color in (("DS (one run)", 1, "o", "#4c72b0"), ("separate runs", 2, "s", "#c44e52")):
         points = [(_mean([p.get("encoder_sparsity") for p in found[index]]),
-                   _mean([p.get(f"{task}/avg/{metric}") for p in found[index]]),
-                   _mean([p.get(f"{task}/worst/{metric}") for p in found[index]])) for found in pairs]
+                   _mean([p.get(avg_key(task, metric)) for p in found[index]]),
+                   _mean([p.get(worst_key(task, metric)) for p in found[index]])) for found in pairs]
         points = [p for p in points if None not in p]
         if points:
             axis.plot([p[0] for p in points], [p[1] for p in points], f"{style}-", color=color, label=which)

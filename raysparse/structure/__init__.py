@@ -1,7 +1,7 @@
 """What an encoder is made of: masks, gates, physical shrinking, checkpoints, accounting."""
 
 from raysparse.structure.accounting import Size, encoder_flops, encoder_sparsity_of, measure, params_per_head, params_per_neuron
-from raysparse.structure.adapters import SUPPORTED_MODEL_TYPES, Encoder, layout_for
+from raysparse.structure.adapters import SUPPORTED_MODEL_TYPES, Encoder, layout_for, retrieval_prompt
 from raysparse.structure.checkpoint import is_pruned_checkpoint, load_pruned, save_pruned
 from raysparse.structure.gates import GateHandle, UnitGates, apply_mask, attach_gates
 from raysparse.structure.mask import Mask
@@ -12,6 +12,6 @@ from raysparse.structure.rewire import (is_rewired, load_dynamic, prefix_mask, p
 __all__ = [
     "Encoder", "GateHandle", "Mask", "SUPPORTED_MODEL_TYPES", "Size", "Structure", "UnitGates", "apply_mask",
     "attach_gates", "encoder_flops", "encoder_sparsity_of", "is_pruned_checkpoint", "layout_for", "load_pruned",
-    "measure", "params_per_head", "params_per_neuron", "save_pruned", "select_units", "shrink", "structure_of",
+    "measure", "params_per_head", "params_per_neuron", "retrieval_prompt", "save_pruned", "select_units", "shrink", "structure_of",
     "is_rewired", "load_dynamic", "prefix_mask", "prefix_sparsity", "rewire", "save_dynamic", "shrink_to",
 ]

@@ -1,4 +1,4 @@
-"""Parameters, bytes and FLOPs of an encoder, and encoder sparsity as PAPER.md defines it.
+"""Parameters, bytes and FLOPs of an encoder, and encoder sparsity as docs/METHOD.md defines it.
 
 Prunable parameters are those a head or an FFN neuron owns: a head owns its Q, K and V
 rows with biases and its columns of the attention output projection; a neuron owns one

@@ -2,6 +2,12 @@
 
 An adapter is the only place that knows attribute paths inside a transformers model;
 everything else in raysparse asks it. BERT, RoBERTa, XLM-R and e5 share one layout.
+
+It also knows what a model expects before each sentence it embeds for retrieval (e5:
+``"query: "``; BERT and XLM-R: nothing). e5 checkpoints are plain ``BertModel``s, so the
+family cannot tell: the prompt is recorded on the model's config
+(``raysparse_retrieval_prompt``, set when the embedded e5 model is loaded, written by
+``save_pruned`` and restored by ``load_pruned``) and :func:`retrieval_prompt` reads it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ class EncoderLayout:
     attention_output: str = "attention.output.dense"
     ffn_input: str = "intermediate.dense"
     ffn_output: str = "output.dense"
+    retrieval_prompt: str = ""                 # before each sentence embedded, unless the config records one
 
     def submodule(self, layer: nn.Module, path: str) -> nn.Module:
         return layer.get_submodule(path)
@@ -34,6 +41,9 @@ BERT_LIKE = EncoderLayout(
 )
 LAYOUTS = (BERT_LIKE,)
 SUPPORTED_MODEL_TYPES = tuple(t for layout in LAYOUTS for t in layout.model_types)
+
+E5_PROMPT = "query: "   # what e5 models expect before each sentence (the embedded model is e5)
+PROMPT_ATTRIBUTE = "raysparse_retrieval_prompt"   # a config attribute: the prompt recorded with a model
 
 
 def layout_for(model_type: str) -> EncoderLayout:
@@ -100,3 +110,24 @@ class Encoder:
 
     def neurons_per_layer(self) -> list[int]:
         return [self.ffn_output(layer).in_features for layer in self.layers]
+
+
+def recorded_retrieval_prompt(config) -> str | None:
+    """The retrieval prompt ``config`` records, or None when it records none."""
+    prompt = getattr(config, PROMPT_ATTRIBUTE, None)
+    return prompt if isinstance(prompt, str) else None
+
+
+def set_retrieval_prompt(model: nn.Module, prompt: str) -> None:
+    """Record ``prompt`` on ``model``'s encoder config (copies, saves and shrunk models keep it)."""
+    if not isinstance(prompt, str):
+        raise RaysparseError(f"model: retrieval prompt {prompt!r} is not a string")
+    setattr(find_encoder(model).config, PROMPT_ATTRIBUTE, prompt)
+
+
+def retrieval_prompt(model: nn.Module) -> str:
+    """The text put before every sentence ``model`` embeds (retrieval scoring and training, the
+    text that decides a trimmed vocabulary): the prompt its config records, else its family's."""
+    config = find_encoder(model).config
+    recorded = recorded_retrieval_prompt(config)
+    return recorded if recorded is not None else layout_for(config.model_type).retrieval_prompt

@@ -2,7 +2,9 @@
 
 transformers configs cannot describe per-layer shapes, so the sidecar ``raysparse.json``
 records the Structure; loading rebuilds the full-size model from config.json, slices it
-to that structure and then loads the weights (strictly: every tensor must match).
+to that structure and then loads the weights (strictly: every tensor must match). The
+sidecar also records the retrieval prompt the model expects (``retrieval_prompt``,
+:func:`raysparse.structure.adapters.retrieval_prompt`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,21 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from raysparse.errors import RaysparseError
-from raysparse.structure.adapters import Encoder
+from raysparse.structure.adapters import (
+    E5_PROMPT,
+    PROMPT_ATTRIBUTE,
+    Encoder,
+    recorded_retrieval_prompt,
+    retrieval_prompt,
+    set_retrieval_prompt,
+)
 from raysparse.structure.shrink import Structure, select_units, source_config, structure_of
 
 SIDECAR = "raysparse.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "raysparse-pruned/1"
+# A sidecar written before the prompt was recorded: raysparse used e5's prompt for every model then.
+LEGACY_PROMPT = E5_PROMPT
 
 
 def _class_path(model: nn.Module) -> str:
@@ -64,6 +75,7 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None, extra: 
         "init": _init_kwargs(model),
         "structure": structure_of(model).to_dict(),
         "live_config": {"pad_token_id": Encoder(model).config.pad_token_id},
+        "retrieval_prompt": retrieval_prompt(model),
         "extra": extra or {},
     }
     (directory / SIDECAR).write_text(json.dumps(sidecar))
@@ -89,6 +101,25 @@ def read_sidecar(directory: str | Path) -> dict:
     return sidecar
 
 
+def _sidecar_prompt(sidecar: dict, config_prompt: str | None) -> str:
+    """The sidecar's retrieval prompt; for a sidecar older than that record, the config's or e5's."""
+    prompt = sidecar.get("retrieval_prompt")
+    if isinstance(prompt, str):
+        return prompt
+    return config_prompt if config_prompt is not None else LEGACY_PROMPT
+
+
+def checkpoint_retrieval_prompt(directory: str | Path) -> str:
+    """The retrieval prompt of the model in ``directory`` (what :func:`load_pruned` gives it), weights unread."""
+    sidecar = read_sidecar(directory)
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    prompt = config.get(PROMPT_ATTRIBUTE) if isinstance(config, dict) else None
+    return _sidecar_prompt(sidecar, prompt if isinstance(prompt, str) else None)
+
+
 def build_from_config(model_class, config, init: dict | None = None) -> nn.Module:
     """Instantiate a transformers (or raysparse) model class from a config, without weights."""
     init = init or {}
@@ -102,8 +133,11 @@ def restructure(model: nn.Module, structure: Structure) -> nn.Module:
     return select_units(model, structure.layers, structure.heads, structure.neurons, structure.vocab)
 
 
-def load_pruned(directory: str | Path, model_class=None) -> nn.Module:
-    """Load a model written by :func:`save_pruned`, non-uniform layers included."""
+def load_pruned(directory: str | Path, model_class=None, base_state: dict | None = None) -> nn.Module:
+    """Load a model written by :func:`save_pruned`, non-uniform layers included.
+
+    ``base_state``: tensors a lean folder left out (identical to its base model's), by name in
+    this model; only those may be missing from the weights file."""
     from transformers import AutoConfig
 
     directory = Path(directory)
@@ -120,6 +154,7 @@ def load_pruned(directory: str | Path, model_class=None) -> nn.Module:
     if not structure.is_full:
         restructure(model, structure)
     Encoder(model).config.pad_token_id = sidecar.get("live_config", {}).get("pad_token_id", config.pad_token_id)
+    set_retrieval_prompt(model, _sidecar_prompt(sidecar, recorded_retrieval_prompt(config)))
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError) as exc:
@@ -127,6 +162,15 @@ def load_pruned(directory: str | Path, model_class=None) -> nn.Module:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise RaysparseError(f"checkpoint: {weights} does not match its {SIDECAR} ({first})") from None
+    filled = {name for name in missing if base_state is not None and name in base_state}
+    if filled:
+        import torch
+
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if name in filled:
+                    tensor.copy_(base_state[name])
+        missing = [name for name in missing if name not in filled]
     if missing or unexpected:
         raise RaysparseError(f"checkpoint: {weights} does not match its {SIDECAR} "
                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")

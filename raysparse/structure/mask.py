@@ -95,6 +95,18 @@ class Mask:
             vocab,
         )
 
+    def union(self, other: "Mask") -> "Mask":
+        """Units kept by either mask (per-language masks share one shrunk model of this shape)."""
+        vocab = None
+        if self.kept_vocab is not None and other.kept_vocab is not None:
+            vocab = torch.unique(torch.cat([self.kept_vocab, other.kept_vocab]))
+        return Mask(
+            self.effective_heads() | other.effective_heads(),
+            self.effective_neurons() | other.effective_neurons(),
+            self.kept_layers | other.kept_layers,
+            vocab,
+        )
+
     def to_dict(self) -> dict:
         """Compact JSON form: kept indices per layer."""
         return {

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from raysparse.errors import RaysparseError, expect
-from raysparse.structure.adapters import Encoder
+from raysparse.structure.adapters import E5_PROMPT, Encoder
 from raysparse.structure.mask import Mask
 from raysparse.structure.shrink import shrink, source_config, structure_of
 
@@ -106,8 +106,11 @@ def complete_vocabulary(tokenizer, ids: Iterable[int]) -> list[int]:
     return kept
 
 
-def vocabulary_for_texts(tokenizer, texts: Iterable[str], prefix: str = "query: ", batch_size: int = 1024) -> list[int]:
-    """Sorted ids ``tokenizer`` produces for ``texts`` (each with ``prefix``, never truncated), plus required ids."""
+def vocabulary_for_texts(tokenizer, texts: Iterable[str], prefix: str = E5_PROMPT, batch_size: int = 1024) -> list[int]:
+    """Sorted ids ``tokenizer`` produces for ``texts`` (each with ``prefix``, never truncated), plus required ids.
+
+    ``prefix``: the model's :func:`~raysparse.structure.adapters.retrieval_prompt` (default: e5's,
+    the embedded model's)."""
     used: set[int] = set()
     batch: list[str] = []
 
@@ -125,7 +128,7 @@ def vocabulary_for_texts(tokenizer, texts: Iterable[str], prefix: str = "query: 
     return complete_vocabulary(tokenizer, used)
 
 
-def dropped_token_share(tokenizer, texts: Sequence[str], kept_ids: Iterable[int], prefix: str = "query: ") -> float:
+def dropped_token_share(tokenizer, texts: Sequence[str], kept_ids: Iterable[int], prefix: str = E5_PROMPT) -> float:
     """Share of the tokens ``tokenizer`` produces for ``texts`` whose ids a trimmed vocabulary drops."""
     kept = set(int(i) for i in kept_ids)
     total = dropped = 0

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from raysparse.data.features import IGNORE_INDEX, eval_features, train_features
+from raysparse.data.kinds import KINDS
 from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
 from raysparse.models.heads import TaskModel
@@ -30,11 +31,11 @@ from raysparse.models.heads import TaskModel
 # Columns a TaskModel reads; anything else (QA example ids and offsets) stays in the features.
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "start_positions", "end_positions")
 # Default sequence length per task kind (QA windows are longer, with a stride between them).
-MAX_LENGTH = {"pair_classification": 128, "tagging": 128, "qa": 384, "retrieval": 128}
+MAX_LENGTH = {name: kind.max_length for name, kind in KINDS.items()}
 
 
 def default_max_length(task: str | Task) -> int:
-    return MAX_LENGTH[get_task(task).kind]
+    return get_task(task).strategy.max_length
 
 
 def task_features(
@@ -54,7 +55,7 @@ def task_features(
             f"data.task: '{task.name}' is a retrieval task (scored from embeddings; it has no labelled batches)"
         )
     max_length = max_length or default_max_length(task)
-    if task.kind == "qa" and stride >= max_length:
+    if task.strategy.windows and stride >= max_length:
         raise RaysparseError(f"data.stride: {stride} (expected fewer tokens than max_length={max_length})")
     build = train_features if train else eval_features
     with quiet_datasets():
@@ -181,7 +182,7 @@ def task_loader(
 def num_labels_of(task: str | Task) -> int:
     """Output classes of the task's head: labels (classification), tags (tagging), else 0."""
     task = get_task(task)
-    return len(task.label_names) if task.kind in ("pair_classification", "tagging") else 0
+    return task.strategy.num_labels(task)
 
 
 def build_task_model(encoder: nn.Module, task: str | Task, seed: int | None = 0) -> TaskModel:

@@ -35,11 +35,14 @@ import torch
 import yaml
 from torch import nn
 
+from raysparse.metric_keys import AGGREGATES, avg_key, languages_in, metric_key, worst_key
 from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, measure, prefix_mask, rewire, shrink_to
 from raysparse.structure.rewire import dynamic_info, mark, save_dynamic
+from raysparse.structure.slicing import prefix_lengths, prefix_slices
 from raysparse.training.finalize import stage_costs
-from raysparse.training.state import STAGES, load_optimizer
-from raysparse.training.worker import SHARED, Progress, Run
+from raysparse.training.loop import Every, Progress
+from raysparse.training.state import STAGES
+from raysparse.training.worker import SHARED, Run
 
 
 def level_key(level: float) -> str:
@@ -62,6 +65,15 @@ def sample_levels(grid: list[float], samples: int, seed: int, step: int) -> list
 
 def nearest_level(grid: list[float], sparsity: float) -> float:
     return min(grid, key=lambda level: (abs(level - sparsity), level))
+
+
+def _prefix_counts(gates: UnitGates) -> tuple[list[int], list[int]] | None:
+    """(heads, neurons) kept per layer when the gates keep a prefix of every layer and no layer is
+    dropped; None for the full model (nothing to slice) or a level gates must express."""
+    if gates.heads is None or (gates.layers is not None and not bool(gates.layers.bool().all())):
+        return None
+    heads, neurons = prefix_lengths(gates.heads), prefix_lengths(gates.neurons)
+    return (heads, neurons) if heads is not None and neurons is not None else None
 
 
 def copy_sharing_embeddings(model: nn.Module) -> nn.Module:
@@ -91,10 +103,9 @@ def curve_table(metrics: dict, grid: list[float], task: str, metric: str, langua
     """Quality per language at every level, beside encoder sparsity, parameters and latency."""
     curve = split_curve(metrics, grid)
     if languages is None:
-        languages = sorted({k.split("/")[1] for values in curve.values() for k in values
-                            if k.startswith(f"{task}/") and k.endswith(f"/{metric}")} - {"avg", "worst"})
+        languages = languages_in([k for values in curve.values() for k in values], task, metric)
     latency = sorted({k for values in curve.values() for k in values if k.startswith("latency/") and k.endswith("_ms")})
-    header = ["level", "enc.sparsity", "params", *languages, "avg", "worst", *[k.split("/")[-1] for k in latency]]
+    header = ["level", "enc.sparsity", "params", *languages, *AGGREGATES, *[k.split("/")[-1] for k in latency]]
     rows = []
     for level in grid:
         values = curve[level]
@@ -104,7 +115,7 @@ def curve_table(metrics: dict, grid: list[float], task: str, metric: str, langua
 
         params = f"{values['params/total'] / 1e6:.2f}M" if "params/total" in values else "-"
         rows.append([level_key(level), cell("encoder_sparsity"), params,
-                     *[cell(f"{task}/{lang}/{metric}") for lang in [*languages, "avg", "worst"]],
+                     *[cell(metric_key(task, lang, metric)) for lang in [*languages, *AGGREGATES]],
             *[cell(k, "{:.1f}") for k in latency]])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(header, widths))]
@@ -121,15 +132,14 @@ def curve_plot(metrics: dict, grid: list[float], task: str, metric: str, title: 
 
     curve = split_curve(metrics, grid)
     x = [curve[level].get("encoder_sparsity", level) for level in grid]
-    languages = sorted({k.split("/")[1] for values in curve.values() for k in values
-                        if k.startswith(f"{task}/") and k.endswith(f"/{metric}")} - {"avg", "worst"})
+    languages = languages_in([k for values in curve.values() for k in values], task, metric)
     figure, axis = plt.subplots(figsize=(6, 4))
     for lang in languages:
-        axis.plot(x, [curve[level].get(f"{task}/{lang}/{metric}", float("nan")) for level in grid], "o-", lw=1,
+        axis.plot(x, [curve[level].get(metric_key(task, lang, metric), float("nan")) for level in grid], "o-", lw=1,
                   ms=3, alpha=0.7, label=lang)
-    axis.plot(x, [curve[level].get(f"{task}/avg/{metric}", float("nan")) for level in grid], "o-", lw=2.5,
+    axis.plot(x, [curve[level].get(avg_key(task, metric), float("nan")) for level in grid], "o-", lw=2.5,
               color="black", label="avg")
-    axis.plot(x, [curve[level].get(f"{task}/worst/{metric}", float("nan")) for level in grid], "--", lw=1.5,
+    axis.plot(x, [curve[level].get(worst_key(task, metric), float("nan")) for level in grid], "--", lw=1.5,
               color="#c44e52", label="worst")
     axis.set_xlabel("encoder sparsity")
     axis.set_ylabel(metric)
@@ -158,7 +168,7 @@ class DynamicRun(Run):
         if full_mask(mask):
             return UnitGates()
         device = next(self.model.parameters()).device
-        gates = self._gates_for(mask)
+        gates = self.gates_for(mask)
         return UnitGates([r.to(device) for r in gates.heads], [r.to(device) for r in gates.neurons],
                          gates.layers.to(device))
 
@@ -169,7 +179,7 @@ class DynamicRun(Run):
         if self.algorithm.learns_during_training:
             scores = self.algorithm.score(self.model, None, None, None)
         else:
-            scores = self._score(self.data.pool(self.languages["scoring"]), None)
+            scores = self.score(self.data.pool(self.languages["scoring"]), None)
         self.state.scores[SHARED] = scores
         self._rewire(scores)
         self.ddp = self._wrap(self.model)          # rewiring made new parameters: wrap them again
@@ -180,12 +190,8 @@ class DynamicRun(Run):
         self.report()
 
     def recover(self) -> None:
-        dyn = self.spec.dynamic
-        if dyn.steps > 0:
-            optimizer, scheduler = self._optimizer(dyn.learning_rate, dyn.steps, 0.0)
-            if self.state.step:
-                load_optimizer(optimizer, scheduler, self.optimizer_state)
-            self._train_every_size(dyn.steps, optimizer, scheduler)
+        if self.spec.dynamic.steps > 0:
+            self._train_every_size()
         self.state.advance("evaluate")
         self.report()
 
@@ -196,44 +202,54 @@ class DynamicRun(Run):
         outputs = forward_outputs(self.ddp, batch)
         return self.data.loss_of(outputs), outputs
 
-    def _train_every_size(self, steps: int, optimizer, scheduler) -> None:
+    def _train_every_size(self) -> None:
+        """The loop with one backward pass per sampled level (sandwich rule), gradients accumulated."""
         from raysparse.training.distill import distillation_loss
 
         spec, dyn = self.spec, self.spec.dynamic
         rows = self.data.pool(self.languages["scoring"])
         level_gates = {level: self._level_gates(level) for level in dyn.grid}
+        # a level whose kept units are a prefix of every layer trains at its own size (weights shared)
+        level_slices = {level: _prefix_counts(gates) for level, gates in level_gates.items()}
         gates = UnitGates()
-        progress = Progress("dynamic", steps, self.is_chief)
-        self.model.train()
-        with attach_gates(self.model, gates):
-            for step in range(self.state.step, steps):
-                batch = self.data.batch(rows, step, spec.finetune.batch_size, salt=3000)
-                levels = sample_levels(dyn.grid, dyn.samples_per_step, spec.seed, step)
-                optimizer.zero_grad(set_to_none=True)
-                teacher, losses = None, []
-                for i, level in enumerate(levels):
-                    chosen = level_gates[level]
+        last: dict[float, float] = {}   # loss of each level trained at the latest step
+
+        def passes(step: int) -> list:
+            batch = self.data.batch(rows, step, spec.finetune.batch_size, salt=3000)
+            levels = sample_levels(dyn.grid, dyn.samples_per_step, spec.seed, step)
+            teacher: dict = {}
+            last.clear()
+
+            def pass_at(level: float):
+                def compute() -> torch.Tensor:
+                    counts = level_slices[level]
+                    chosen = UnitGates() if counts else level_gates[level]
                     gates.heads, gates.neurons, gates.layers = chosen.heads, chosen.neurons, chosen.layers
-                    last = i == len(levels) - 1
-                    with contextlib.nullcontext() if last or self.world_size == 1 else self.ddp.no_sync():
+                    with prefix_slices(self.model, *counts) if counts else contextlib.nullcontext():
                         loss, outputs = self._loss_and_outputs(batch)
-                        if teacher is None:     # the largest sub-network (level 0: the full model) teaches
-                            teacher = {k: v.detach() for k, v in outputs.items()
-                                       if k != "loss" and isinstance(v, torch.Tensor)}
-                        elif dyn.distill:
-                            loss = distillation_loss(outputs, teacher, dyn.temperature, dyn.alpha, task_loss=loss)
-                        (loss / len(levels)).backward()
-                    losses.append(loss.item())
-                optimizer.step()
-                scheduler.step()
-                self.state.step = step + 1
-                mean = sum(losses) / len(losses)
-                progress.step(step, mean, f"(levels {', '.join(level_key(s) for s in levels)})")
-                if self.is_chief and ((step + 1) % 10 == 0 or step + 1 == steps):
-                    self.log.metrics({"dynamic/loss": mean, "dynamic/loss/largest": losses[0],
-                                      "dynamic/loss/smallest": losses[-1]}, step=step + 1)
-                if (step + 1) % spec.resources.checkpoint_every == 0 and step + 1 < steps:
-                    self.report({"dynamic/loss": mean}, optimizer, scheduler)
+                    if not teacher:     # the largest sub-network (level 0: the full model) teaches
+                        teacher.update({k: v.detach() for k, v in outputs.items()
+                                        if k != "loss" and isinstance(v, torch.Tensor)})
+                    elif dyn.distill:
+                        loss = distillation_loss(outputs, teacher, dyn.temperature, dyn.alpha, task_loss=loss)
+                    last[level] = loss.item()
+                    return loss
+                return compute
+
+            return [pass_at(level) for level in levels]
+
+        def log_ends(step: int, loss: float) -> None:
+            if self.is_chief:
+                levels = sorted(last)
+                self.log.metrics({"dynamic/loss/largest": last[levels[0]], "dynamic/loss/smallest": last[levels[-1]]},
+                                 step=step)
+
+        optimizer, scheduler = self.optimizer(dyn.learning_rate, dyn.steps, 0.0)
+        progress = Progress("dynamic", dyn.steps, self.is_chief,
+                            extra=lambda step: f"(levels {', '.join(level_key(s) for s in sorted(last))})")
+        with attach_gates(self.model, gates):
+            self.fit("dynamic", passes, optimizer, scheduler, dyn.steps, [Every(10, log_ends, dyn.steps)],
+                     progress=progress)
 
     def evaluate(self) -> None:
         """Rank 0: every level, every language, under the level's prefix mask."""
@@ -247,8 +263,9 @@ class DynamicRun(Run):
             for level in dyn.grid:
                 mask = prefix_mask(self.model, level, dyn.match_sparsity)
                 result = evaluate(self.model, self.tokenizer, self.task.name, languages, data_dir=spec.data.dir,
-                                  max_examples=spec.data.max_eval_examples, seed=spec.seed,
-                                  train_fraction=spec.data.train_fraction, masks={lang: mask for lang in languages},
+                                  max_examples=spec.data.max_eval_examples, skip_examples=spec.data.skip_eval_examples,
+                                  seed=spec.seed, train_fraction=spec.data.train_fraction,
+                                  masks={lang: mask for lang in languages},
                                   verbose=False)
                 self.state.metrics.update({f"level/{level_key(level)}/{k}": v for k, v in result.metrics.items()})
                 self.log.metrics({f"curve/{k}": v for k, v in result.metrics.items()}, step=level_step(level))
@@ -344,11 +361,5 @@ def finalize_curve(run: DynamicRun) -> dict:
     return metrics
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Entry point Ray Train calls on every worker of a Dynamic Sparsification run."""
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    DynamicRun(config).execute()
-
-
 __all__ = ["DynamicRun", "curve_plot", "curve_table", "level_key", "level_step", "nearest_level", "sample_levels",
-           "split_curve", "train_loop_per_worker"]
+           "split_curve"]

@@ -25,15 +25,16 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from raysparse.data.features import qa_predictions, tagging_predictions
 from raysparse.data.load import languages as available_languages
 from raysparse.data.load import load_bucc_corpus
-from raysparse.data.metrics import accuracy, aggregate, bucc_scores, retrieval_accuracy, squad_scores, tagging_scores
+from raysparse.data.metrics import aggregate, bucc_scores
 from raysparse.data.regimes import LanguageData, evaluation_data
 from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
-from raysparse.models.heads import TaskModel
-from raysparse.structure import Mask, apply_mask
+from raysparse.metric_keys import AGGREGATES, avg_key, metric_key, worst_key
+from raysparse.models.heads import HEADS, TaskModel
+from raysparse.structure import Mask, apply_mask, retrieval_prompt
+from raysparse.structure.adapters import E5_PROMPT
 from raysparse.training.batches import (
     default_max_length,
     feature_loader,
@@ -44,7 +45,7 @@ from raysparse.training.batches import (
 )
 from raysparse.training.retrieval import embed, tokenize
 
-RETRIEVAL_PREFIX = "query: "  # what e5 models expect before each sentence
+RETRIEVAL_PREFIX = E5_PROMPT  # e5's prompt; evaluate() asks the model (raysparse.structure.retrieval_prompt)
 
 
 @dataclass
@@ -82,11 +83,11 @@ class EvaluationResult:
     @property
     def average(self) -> float:
         """The task's primary metric averaged over languages."""
-        return self.metrics[f"{self.task}/avg/{self.primary_metric}"]
+        return self.metrics[avg_key(self.task, self.primary_metric)]
 
     @property
     def worst(self) -> float:
-        return self.metrics[f"{self.task}/worst/{self.primary_metric}"]
+        return self.metrics[worst_key(self.task, self.primary_metric)]
 
     def to_dict(self) -> dict:
         """Plain JSON-ready form (for a results artifact)."""
@@ -102,8 +103,8 @@ class EvaluationResult:
             rows.append([language, *(f"{scores[m]:.3f}" if m in scores else "-" for m in names),
                          str(scored) if scored == held else f"{scored} of {held}",
                          _short_source(self.sources[language])])
-        for summary in ("avg", "worst"):
-            rows.append([summary, *(f"{self.metrics[f'{self.task}/{summary}/{m}']:.3f}" for m in names), "", ""])
+        for summary in AGGREGATES:
+            rows.append([summary, *(f"{self.metrics[metric_key(self.task, summary, m)]:.3f}" for m in names), "", ""])
         widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
                            for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
@@ -132,23 +133,26 @@ def evaluate(
     *,
     data_dir: str | os.PathLike | None = None,
     max_examples: int | None = None,
+    skip_examples: int = 0,
     batch_size: int = 32,
     seed: int = 0,
     train_fraction: float = 0.5,
     masks: Mapping[str, Mask] | None = None,
     max_length: int | None = None,
     stride: int = 128,
-    retrieval_prefix: str = RETRIEVAL_PREFIX,
+    retrieval_prefix: str | None = None,
     verbose: bool = True,
 ) -> EvaluationResult:
     """Score ``model`` on the held-out rows of every language of ``task`` (default: all present).
 
-    ``max_examples`` caps the rows scored per language (the first ones, so runs compare).
+    ``max_examples`` caps the rows scored per language (the first ones, so runs compare);
+    ``skip_examples`` starts after that many rows, so settings can be chosen on rows that a
+    reported figure (on the first rows) never sees.
     ``seed`` and ``train_fraction`` must be those training used, so that no training row
     is evaluated. ``masks`` maps languages to the Mask applied while that language is
     scored; a language without one is scored unmasked (the table says which), masks of
     languages not evaluated are ignored. Retrieval prepends ``retrieval_prefix`` to every
-    sentence.
+    sentence (default: the model's retrieval prompt, ``raysparse.structure.retrieval_prompt``).
     """
     task = get_task(task)
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -158,6 +162,8 @@ def evaluate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise RaysparseError(f"evaluate.batch_size: {batch_size!r} (expected a positive integer)")
     check_head(model, task)
+    if retrieval_prefix is None and task.strategy.embeds:
+        retrieval_prefix = retrieval_prompt(model)
     if languages is None:
         languages = available_languages(task, data_dir)
     data = evaluation_data(task, languages, seed, train_fraction, data_dir)
@@ -175,8 +181,12 @@ def evaluate(
             started = time.time()
             rows = language_data.rows
             available[language] = len(rows)
-            if max_examples is not None and len(rows) > max_examples:
-                rows = rows.select(range(max_examples))
+            if skip_examples or (max_examples is not None and len(rows) > max_examples):
+                end = len(rows) if max_examples is None else min(len(rows), skip_examples + max_examples)
+                if skip_examples >= end:
+                    raise RaysparseError(f"evaluate.skip_examples: {skip_examples} leaves no rows of "
+                                         f"{task.name} {language} (it has {len(rows)})")
+                rows = rows.select(range(skip_examples, end))
             examples[language] = len(rows)
             mask = masks.get(language)
             masked = apply_mask(model, mask) if mask is not None else contextlib.nullcontext()
@@ -198,7 +208,7 @@ def evaluate(
 def check_head(model: nn.Module, task: str | Task) -> None:
     """Raise one line unless ``model`` can be scored on ``task`` (retrieval: any encoder)."""
     task = get_task(task)
-    if task.kind == "retrieval":
+    if task.strategy.embeds:
         return
     if not isinstance(model, TaskModel) or model.kind != task.kind or model.num_labels != num_labels_of(task):
         has = (f"a {model.kind} head with {model.num_labels} labels" if isinstance(model, TaskModel)
@@ -217,24 +227,12 @@ def _score(model, tokenizer, task: Task, rows: Dataset, data: LanguageData, *, d
            max_length, stride, prefix) -> dict[str, float]:
     if task.name == "bucc":
         return _score_bucc(model, tokenizer, data, data_dir, max_examples, batch_size, max_length, prefix)
-    if task.kind == "retrieval":
-        source = _embed_texts(model, tokenizer, list(rows["source"]), batch_size, prefix, max_length)
-        target = _embed_texts(model, tokenizer, list(rows["target"]), batch_size, prefix, max_length)
-        return {"accuracy": retrieval_accuracy(source.numpy(), target.numpy())}
+    if task.strategy.embeds:
+        embeddings = {side: _embed_texts(model, tokenizer, list(rows[side]), batch_size, prefix, max_length).numpy()
+                      for side in ("source", "target")}
+        return task.strategy.score(task, rows, None, embeddings)
     features = task_features(task, tokenizer, rows, train=False, max_length=max_length, stride=stride)
-    outputs = _forward(model, tokenizer, features, batch_size)
-    if task.kind == "pair_classification":
-        return {"accuracy": accuracy(list(rows["label"]), [int(o.argmax()) for o in outputs["logits"]])}
-    if task.kind == "tagging":
-        predicted = [o.argmax(-1) for o in outputs["logits"]]
-        gold, guessed = tagging_predictions(features["labels"], predicted, task.label_names)
-        return tagging_scores(task.name, gold, guessed)
-    start_logits = _stack_ragged(outputs["start_logits"])
-    end_logits = _stack_ragged(outputs["end_logits"])
-    predictions = qa_predictions(rows, features, start_logits, end_logits)
-    references = {qid: list(answers["text"]) for qid, answers in zip(rows["id"], rows["answers"])}
-    scores = squad_scores(predictions, references)
-    return {name: scores[name] for name in task.metric_names}
+    return task.strategy.score(task, rows, features, _forward(model, tokenizer, features, batch_size))
 
 
 def _forward(model: nn.Module, tokenizer, features: Dataset, batch_size: int) -> dict[str, list[np.ndarray]]:
@@ -247,7 +245,8 @@ def _forward(model: nn.Module, tokenizer, features: Dataset, batch_size: int) ->
     order = sorted(range(len(features)), key=lengths_of.__getitem__)
     loader = feature_loader(features, tokenizer, batch_size, shuffle=False, sampler=order)
     device = model_device(model)
-    keys = ("start_logits", "end_logits") if model.kind == "qa" else ("logits",)
+    head = HEADS[model.kind]
+    keys = head.output_keys
     outputs: dict[str, list] = {key: [None] * len(features) for key in keys}
     position = 0
     for batch in loader:
@@ -258,7 +257,7 @@ def _forward(model: nn.Module, tokenizer, features: Dataset, batch_size: int) ->
             values = result[key].float().cpu().numpy()
             for offset, (row, length) in enumerate(zip(values, lengths)):
                 index = order[position + offset]
-                outputs[key][index] = row if model.kind == "pair_classification" else row[: int(length)]
+                outputs[key][index] = row[: int(length)] if head.per_token else row
         position += len(lengths)
     return outputs
 
@@ -282,15 +281,6 @@ def _embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: 
         out[index] = embeddings
     if out is None:
         raise RaysparseError("evaluate: no sentences to embed (expected at least one)")
-    return out
-
-
-def _stack_ragged(rows: list[np.ndarray]) -> np.ndarray:
-    """[windows, longest] with -inf-like padding (QA post-processing never reads it)."""
-    width = max(len(row) for row in rows)
-    out = np.full((len(rows), width), np.finfo(np.float32).min, dtype=np.float32)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
     return out
 
 

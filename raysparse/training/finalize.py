@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from raysparse.structure import measure, save_pruned, shrink
+from raysparse.metric_keys import AVG, avg_key, languages_in, metric_key
+from raysparse.structure import measure, retrieval_prompt, save_pruned, shrink
 
 
 def quality_plot(metrics: dict, task: str, metric: str):
@@ -19,13 +20,11 @@ def quality_plot(metrics: dict, task: str, metric: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prefix = f"{task}/"
-    langs = sorted(k.split("/")[1] for k in metrics if k.startswith(prefix) and k.endswith(f"/{metric}")
-                   and k.split("/")[1] not in ("avg", "worst"))
+    langs = languages_in(metrics, task, metric)
     figure, axis = plt.subplots(figsize=(max(4, 0.45 * len(langs) + 1), 3))
-    axis.bar(langs, [metrics[f"{task}/{lang}/{metric}"] for lang in langs], color="#4c72b0")
-    if f"{task}/avg/{metric}" in metrics:
-        axis.axhline(metrics[f"{task}/avg/{metric}"], color="#c44e52", linestyle="--", label="avg")
+    axis.bar(langs, [metrics[metric_key(task, lang, metric)] for lang in langs], color="#4c72b0")
+    if avg_key(task, metric) in metrics:
+        axis.axhline(metrics[avg_key(task, metric)], color="#c44e52", linestyle="--", label=AVG)
         axis.legend()
     axis.set_ylabel(metric)
     axis.set_title(f"{task}: {metric} per language")
@@ -59,11 +58,23 @@ def trim_shrunk_vocabulary(run, shrunk: dict) -> tuple[object, int]:
     from raysparse.data.vocabulary import vocabulary_for_languages
     from raysparse.structure.vocab import trim_vocabulary
 
-    kept = vocabulary_for_languages(run.tokenizer, vocabulary_languages(run), data_dir=run.spec.data.dir)
+    kept = vocabulary_for_languages(run.tokenizer, vocabulary_languages(run), prefix=retrieval_prompt(run.model),
+                                    data_dir=run.spec.data.dir)
     tokenizer = run.tokenizer
     for key, model in shrunk.items():
         _, tokenizer = trim_vocabulary(model, run.tokenizer, kept)
     return tokenizer, len(tokenizer)
+
+
+def dense_encoder(run):
+    """The encoder as the run received it, before pruning (the run's own model is shrunk by now):
+    the distillation teacher's when there is one, else loaded again from the source (its shape
+    is what sizes and latency compare against)."""
+    if run.teacher is not None:
+        return run.teacher.encoder
+    from raysparse.models.sources import load_encoder
+
+    return load_encoder(run.spec.model.source, trust_remote_code=run.spec.model.trust_remote_code)
 
 
 def finalize(run) -> dict:
@@ -73,13 +84,15 @@ def finalize(run) -> dict:
     spec, log = run.spec, run.log
     length = spec.efficiency.sequence_length
     metrics: dict[str, float] = {}
-    dense_size = measure(run.model.encoder, length)
+    dense = dense_encoder(run).eval()
+    dense_size = measure(dense, length)
     shrunk = {key: shrink(copy.deepcopy(run.model).eval(), mask) for key, mask in run.state.masks.items()}
     tokenizer = run.tokenizer
     if spec.efficiency.trim_vocabulary:
         tokenizer, vocab_rows = trim_shrunk_vocabulary(run, shrunk)
         metrics["vocab_rows"] = vocab_rows
     sizes = {key: measure(model.encoder, length) for key, model in shrunk.items()}
+    run.sizes = {"dense": dense_size, **sizes}
     first = sorted(shrunk)[0]
     size = sizes[first]
     metrics.update({
@@ -90,7 +103,7 @@ def finalize(run) -> dict:
         "dense/flops": dense_size.flops_per_sequence,
     })
     if spec.efficiency.latency:
-        results = measure_latency({"dense": run.model.encoder.eval(), "pruned": shrunk[first].encoder},
+        results = measure_latency({"dense": dense, "pruned": shrunk[first].encoder},
                                   batch_sizes=tuple(spec.efficiency.batch_sizes), sequence_length=length,
                                   warmup=spec.efficiency.warmup, repeats=spec.efficiency.repeats,
                                   threads=spec.efficiency.threads)
@@ -126,7 +139,12 @@ def finalize(run) -> dict:
         log.figure(quality_plot(quality, run.task.name, run.task.primary_metric), "results/per_language.png")
         keep = {"all": sorted(shrunk), "one": [first], "none": []}[spec.tracking.log_models]
         for key in keep:
-            model_dir = save_pruned(shrunk[key], folder / "model" / key, tokenizer=tokenizer,
-                                    extra={"mask": key, "task": run.task.name, "run": spec.name})
+            extra = {"mask": key, "task": run.task.name, "run": spec.name}
+            if spec.tracking.lean_models:   # what the base model holds stays out (82% of e5-small)
+                from raysparse.models.lean import save_lean
+
+                model_dir = save_lean(shrunk[key], folder / "model" / key, spec.model.source, tokenizer, extra)
+            else:
+                model_dir = save_pruned(shrunk[key], folder / "model" / key, tokenizer=tokenizer, extra=extra)
             log.artifact(model_dir, f"model/{key}")
     return metrics

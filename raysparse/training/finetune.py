@@ -1,83 +1,19 @@
-"""Plain single-process fine-tuning: AdamW with linear warmup and decay.
+"""Fine-tuning a model over a data loader: a convenience over :func:`raysparse.training.loop.train`.
 
-Three seams a distributed loop reuses as they are: ``make_optimizer`` (AdamW without
-weight decay on biases and LayerNorm weights, plus the schedule), ``train_step`` (one
-forward, backward, clip and update) and ``finetune`` (the loop, with progress lines
-and an ``on_step`` callback for pruning schedules that act between steps).
+Runs use the loop directly with step-addressed batches (exact resume); this entry point
+serves notebooks and tests that hold a ``DataLoader``.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.optim import AdamW, Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 
 from raysparse.errors import RaysparseError
 from raysparse.training.batches import task_loss
-
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-
-
-def linear_schedule(steps: int, warmup: int) -> Callable[[int], float]:
-    """LR factor: 0 -> 1 over ``warmup`` steps, then linearly down to 0 at ``steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-
-    return factor
-
-
-def make_optimizer(
-    model: nn.Module, learning_rate: float, weight_decay: float, steps: int, warmup: int
-) -> tuple[Optimizer, LambdaLR]:
-    """AdamW over the trainable parameters (no decay on biases and norms) and a linear
-    warmup/decay schedule over ``steps`` with ``warmup`` warmup steps."""
-    if not learning_rate > 0:
-        raise RaysparseError(f"training.learning_rate: {learning_rate!r} (expected a positive number)")
-    if weight_decay < 0:
-        raise RaysparseError(f"training.weight_decay: {weight_decay!r} (expected a number >= 0)")
-    if not isinstance(steps, int) or steps < 1:
-        raise RaysparseError(f"training.steps: {steps!r} (expected a positive integer)")
-    if not isinstance(warmup, int) or not 0 <= warmup <= steps:
-        raise RaysparseError(f"training.warmup: {warmup!r} (expected an integer of steps in [0, {steps}])")
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if name.endswith(NO_DECAY) else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = AdamW([g for g in groups if g["params"]], lr=learning_rate)
-    return optimizer, LambdaLR(optimizer, linear_schedule(steps, warmup))
-
-
-def train_step(
-    model: nn.Module,
-    batch: Mapping[str, torch.Tensor],
-    optimizer: Optimizer,
-    scheduler: LambdaLR | None = None,
-    max_grad_norm: float | None = 1.0,
-    loss_fn: Callable[[nn.Module, Mapping], torch.Tensor] = task_loss,
-) -> float:
-    """One update: loss, backward, gradient clipping, optimizer and schedule step; returns the loss."""
-    model.train()
-    loss = loss_fn(model, batch)
-    if not torch.isfinite(loss):
-        raise RaysparseError(
-            f"training: the loss became {float(loss)} (expected a finite number; lower the learning rate?)"
-        )
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return float(loss.detach())
+from raysparse.training.loop import Every, Progress, make_optimizer, single, train
 
 
 def freeze_word_embeddings(model: nn.Module) -> int:
@@ -110,6 +46,10 @@ def cycle(loader: Iterable) -> Iterator:
         epoch += 1
 
 
+class _Stop(Exception):
+    """``on_step`` asked to end training early."""
+
+
 def finetune(
     model: nn.Module,
     loader: Iterable,
@@ -134,23 +74,21 @@ def finetune(
     optimizer, scheduler = make_optimizer(model, learning_rate, weight_decay, steps, round(warmup_ratio * steps))
     batches = cycle(loader)
     losses: list[float] = []
-    started = time.time()
+
+    def record(step: int, loss: float) -> None:
+        losses.append(loss)
+        if on_step is not None and on_step(step, loss):
+            raise _Stop
+
     try:
-        for step in range(1, steps + 1):
-            losses.append(train_step(model, next(batches), optimizer, scheduler, max_grad_norm, loss_fn))
-            if log_every and (step % log_every == 0 or step == steps):
-                elapsed = time.time() - started
-                recent = losses[-log_every:]
-                print(f"  finetune step {step}/{steps}  loss {sum(recent) / len(recent):.4f}  "
-                      f"lr {scheduler.get_last_lr()[0]:.2e}  {elapsed:.0f}s  "
-                      f"eta {elapsed / step * (steps - step):.0f}s", flush=True)
-            if on_step is not None and on_step(step, losses[-1]):
-                break
+        train(model, single(lambda step: loss_fn(model, next(batches))), optimizer, scheduler, steps,
+              callbacks=[Every(1, record), Progress("finetune", steps, bool(log_every), log_every or 1)],
+              max_grad_norm=max_grad_norm)
+    except _Stop:
+        pass
     finally:
         model.eval()
     return losses
 
 
-__all__ = [
-    "NO_DECAY", "cycle", "finetune", "freeze_word_embeddings", "linear_schedule", "make_optimizer", "train_step",
-]
+__all__ = ["cycle", "finetune", "freeze_word_embeddings", "make_optimizer"]

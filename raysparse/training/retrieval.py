@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysparse.models.heads import mean_pool
+from raysparse.structure.adapters import E5_PROMPT, retrieval_prompt
 
 
 def embed(model: nn.Module, encoded: dict) -> torch.Tensor:
@@ -22,14 +23,15 @@ def embed(model: nn.Module, encoded: dict) -> torch.Tensor:
     return F.normalize(mean_pool(hidden, encoded["attention_mask"]), dim=-1)
 
 
-def tokenize(tokenizer, texts: Sequence[str], prefix: str = "query: ", max_length: int = 128) -> dict:
+def tokenize(tokenizer, texts: Sequence[str], prefix: str = E5_PROMPT, max_length: int = 128) -> dict:
+    """``prefix`` (the model's retrieval prompt; default: e5's) + each text, padded and truncated."""
     return tokenizer([prefix + t for t in texts], padding=True, truncation=True, max_length=max_length,
                      return_tensors="pt")
 
 
 def pair_batches(tokenizer, sources: Sequence[str], targets: Sequence[str], batch_size: int,
-                 prefix: str = "query: ", max_length: int = 128) -> list[tuple[dict, dict]]:
-    """Tokenised (source, target) batches, in order."""
+                 prefix: str = E5_PROMPT, max_length: int = 128) -> list[tuple[dict, dict]]:
+    """Tokenised (source, target) batches, in order (``prefix``: as for :func:`tokenize`)."""
     return [(tokenize(tokenizer, sources[i : i + batch_size], prefix, max_length),
              tokenize(tokenizer, targets[i : i + batch_size], prefix, max_length))
             for i in range(0, len(sources), batch_size)]
@@ -48,9 +50,11 @@ def contrastive_loss(model: nn.Module, batch: tuple[dict, dict], temperature: fl
 
 
 @torch.no_grad()
-def encode(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 64, prefix: str = "query: ",
+def encode(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 64, prefix: str | None = None,
            max_length: int = 128) -> torch.Tensor:
-    """Embeddings of ``texts``, batched by length to waste little padding."""
+    """Embeddings of ``texts``, batched by length to waste little padding; each text after
+    ``prefix`` (default: the model's retrieval prompt)."""
+    prefix = retrieval_prompt(model) if prefix is None else prefix
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), 0)

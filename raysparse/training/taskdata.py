@@ -6,7 +6,8 @@ come from a permutation seeded by the epoch, sliced for this rank. Resuming at s
 
 Retrieval tasks (Tatoeba, BUCC) train on translation pairs: XNLI premises paired with
 their English originals (a parallel corpus), with a contrastive loss; every other task
-trains on its own rows with its head's loss.
+trains on its own rows with its head's loss. The task's kind decides which
+(``raysparse.data.kinds`` for the rows, ``raysparse.training.kinds`` for batches and loss).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import nn
 from raysparse.config import RunSpec
 from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
-from raysparse.training.batches import PaddingCollator, model_device, to_device
+from raysparse.training.batches import model_device, to_device
+from raysparse.training.kinds import objective_of
 
 
 def step_indices(step: int, batch_size: int, num_rows: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -38,44 +40,33 @@ def step_indices(step: int, batch_size: int, num_rows: int, seed: int, rank: int
 class TaskData:
     """Training/scoring batches of one task for the languages a stage asks for."""
 
-    def __init__(self, spec: RunSpec, tokenizer, rank: int = 0, world_size: int = 1):
+    def __init__(self, spec: RunSpec, tokenizer, rank: int = 0, world_size: int = 1, prompt: str | None = None):
         self.spec, self.tokenizer = spec, tokenizer
+        self._prompt = prompt
         self.task: Task = get_task(spec.data.task)
+        self.objective = objective_of(self.task)     # batches and loss of the task's kind
         self.rank, self.world_size = rank, world_size
         self._features: dict[str, list] = {}
         self.sources: dict[str, str] = {}
+
+    @property
+    def prompt(self) -> str:
+        """What goes before each retrieval sentence: the model's prompt (given, else read from the source)."""
+        if self._prompt is None:
+            from raysparse.models.sources import source_retrieval_prompt
+
+            self._prompt = source_retrieval_prompt(self.spec.model.source, self.spec.model.trust_remote_code)
+        return self._prompt
 
     # --- rows ------------------------------------------------------------------------
     def _language_features(self, language: str) -> list:
         if language in self._features:
             return self._features[language]
         spec = self.spec
-        if self.task.kind == "retrieval":
-            from raysparse.data.parallel import xnli_premise_pairs
-
-            pairs = xnli_premise_pairs([language], spec.data.dir).get(language)
-            if not pairs:
-                raise RaysparseError(f"data.languages: no XNLI translation pairs for '{language}' to train "
-                                     f"{self.task.name} on")
-            rows = list(zip(*pairs))
-            if spec.data.max_train_examples:
-                random.Random(spec.seed).shuffle(rows)
-                rows = rows[: spec.data.max_train_examples]
-            self.sources[language] = f"xnli/dev-{language}.tsv premises paired with dev-en ({len(rows)} pairs)"
-        else:
-            from raysparse.data.features import train_features
-            from raysparse.data.regimes import training_data
-
-            data = training_data(self.task, "in-language", [language], spec.seed, spec.data.train_fraction,
-                                 spec.data.dir).per_language[language]
-            table = data.rows
-            if spec.data.max_train_examples and len(table) > spec.data.max_train_examples:
-                table = table.shuffle(seed=spec.seed).select(range(spec.data.max_train_examples))
-            features = train_features(self.task, table, self.tokenizer, spec.data.max_length, spec.data.doc_stride)
-            keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions",
-                                "end_positions") if c in features.column_names]
-            rows = features.select_columns(keep).to_list()
-            self.sources[language] = data.source
+        rows, self.sources[language] = self.task.strategy.training_rows(
+            self.task, language, self.tokenizer, seed=spec.seed, train_fraction=spec.data.train_fraction,
+            max_examples=spec.data.max_train_examples, max_length=spec.data.max_length, stride=spec.data.doc_stride,
+            data_dir=spec.data.dir)
         self._features[language] = rows
         return rows
 
@@ -89,12 +80,7 @@ class TaskData:
             raise RaysparseError(f"data: no training rows for {self.task.name}")
         chosen = [rows[i] for i in step_indices(step, batch_size, len(rows), self.spec.seed + salt, self.rank,
                                                 self.world_size)]
-        if self.task.kind == "retrieval":
-            from raysparse.training.retrieval import tokenize
-
-            sources, targets = zip(*chosen)   # one forward over both sides (DDP syncs once)
-            return dict(tokenize(self.tokenizer, [*sources, *targets], "query: ", self.spec.data.max_length))
-        return PaddingCollator(self.tokenizer.pad_token_id)(chosen)
+        return self.objective.batch(self, chosen)
 
     def batches(self, rows: list, start: int, count: int, batch_size: int, salt: int = 0) -> list:
         return [self.batch(rows, step, batch_size, salt) for step in range(start, start + count)]
@@ -105,10 +91,4 @@ class TaskData:
 
     def loss_of(self, outputs: dict) -> torch.Tensor:
         """The task's loss from a forward's outputs: the head's loss, or InfoNCE for retrieval."""
-        if self.task.kind != "retrieval":
-            return outputs["loss"]
-        from raysparse.training.retrieval import info_nce
-
-        embeddings = outputs["embeddings"]
-        half = len(embeddings) // 2   # sources, then their translations
-        return info_nce(embeddings[:half], embeddings[half:])
+        return self.objective.loss(outputs)

@@ -1,18 +1,28 @@
-"""The per-worker function of a run: fine-tune -> prune -> recover -> evaluate -> finalize.
+"""The pipeline of a run: fine-tune -> prune (score, select) -> recover -> evaluate -> finalize.
 
-Every Ray Train worker runs :func:`train_loop_per_worker`. Gradients are averaged by DDP;
-unit scores are summed over workers so every rank selects the same masks; only rank 0
-evaluates, measures, saves and logs to MLflow. After each stage and every
+:class:`Run` executes the stages of one spec wherever a :class:`~raysparse.training.session.Session`
+puts it: on every Ray Train worker (:func:`raysparse.training.pipeline.train_loop_per_worker`) or in the calling process
+(:func:`raysparse.runner.run_in_process`, behind ``raysparse prune``). Gradients are averaged
+by DDP; unit scores are summed over workers so every rank selects the same masks; only
+rank 0 evaluates, measures, saves and logs to MLflow. After each stage and every
 ``resources.checkpoint_every`` steps the run reports a checkpoint; a restarted worker
 group (a killed worker) or a rerun of the same spec (a killed driver) resumes from it.
+
+Every stage that trains calls the one loop (:mod:`raysparse.training.loop`); what a
+schedule or a learning algorithm adds plugs in as a callback. Recovery trains the model
+at the size it keeps: once a round of selection ends, the model is shrunk physically to
+the union of its masks (the mask itself in the shared setting; per-language masks gate
+only what their language drops inside that union), so a step costs what the kept
+model costs. The dense fine-tuned copy stays as the distillation teacher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import tempfile
 import time
 import zlib
+from functools import reduce
 from pathlib import Path
 
 import torch
@@ -22,32 +32,17 @@ from torch import nn
 
 from raysparse.config import RunSpec
 from raysparse.errors import RaysparseError
-from raysparse.pruning import Selection, UnitScores, cubic_sparsity, get_algorithm, select_mask
-from raysparse.structure import Encoder, Mask, UnitGates, attach_gates
+from raysparse.pruning import Selection, UnitScores, algorithm_for, cubic_sparsity, select_mask
+from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, retrieval_prompt, shrink
 from raysparse.structure.shrink import mask_rows_for
 from raysparse.training.finetune import freeze_word_embeddings
+from raysparse.training.loop import Callback, Every, Progress, SeededSteps, make_optimizer, single, train
+from raysparse.training.session import RayTrainSession, Session
 from raysparse.training.state import (STAGES, RunState, load_optimizer, load_weights, read_optimizer, save_optimizer,
                                       save_weights)
 from raysparse.training.taskdata import TaskData
 
 SHARED = "shared"
-
-
-class Progress:
-    """Console lines with step counts, loss and ETA (rank 0 only)."""
-
-    def __init__(self, stage: str, total: int, enabled: bool, every: int = 10):
-        self.stage, self.total, self.enabled, self.every = stage, total, enabled, every
-        self.started, self.first = time.time(), None
-
-    def step(self, step: int, loss: float, extra: str = "") -> None:
-        if self.first is None:
-            self.first = step
-        if not self.enabled or ((step + 1) % self.every and step + 1 != self.total):
-            return
-        done = step + 1 - self.first
-        eta = (time.time() - self.started) / max(done, 1) * (self.total - step - 1)
-        print(f"[{self.stage}] step {step + 1}/{self.total}  loss {loss:.4f}  eta {eta:.0f}s {extra}", flush=True)
 
 
 def all_reduce_scores(scores: UnitScores) -> UnitScores:
@@ -66,57 +61,111 @@ def all_reduce_scores(scores: UnitScores) -> UnitScores:
     return UnitScores(*out)
 
 
+def union_of(masks) -> Mask:
+    """The units any of ``masks`` keeps: the shape recovery trains at."""
+    return reduce(Mask.union, masks)
+
+
+class LearnedImportance(Callback):
+    """Movement and L0 learn their scores while the model trains: gates, a regulariser, gradients."""
+
+    def __init__(self, algorithm, model: nn.Module, total: int):
+        self.algorithm, self.model, self.total = algorithm, model, total
+        algorithm.attach(model)
+
+    def param_groups(self) -> list[dict]:
+        return self.algorithm.extra_parameters()
+
+    def extra_loss(self, step: int) -> torch.Tensor | None:
+        return self.algorithm.regularization(step, self.total)
+
+    def after_backward(self, step: int) -> None:
+        self.algorithm.after_backward(self.model, step)
+
+    def on_end(self) -> None:
+        self.algorithm.detach(self.model)
+
+
+class GradualPruning(Callback):
+    """Cubic ramp (Zhu & Gupta): every ``prune_every`` steps, re-score and tighten the shared mask."""
+
+    def __init__(self, run: "Run", rows: list, total: int):
+        self.run, self.rows, self.total = run, rows, total
+        schedule = run.spec.pruning
+        self.every, self.end = schedule.prune_every, int(total * schedule.ramp_fraction)
+        mask = run.state.masks.get(SHARED)
+        self.handle = attach_gates(run.model, run.gates_for(mask)) if mask is not None else None
+
+    def on_step_end(self, step: int, loss: float) -> None:
+        if step % self.every:
+            return
+        run = self.run
+        target = cubic_sparsity(step, self.total, run.spec.pruning.sparsity, end_step=self.end)
+        base = run.state.masks.get(SHARED)
+        if target <= (0.0 if base is None else _sparsity(run.model, base)) + 1e-9:
+            return
+        if self.handle is not None:
+            self.handle.remove()
+        scores = run.score(self.rows, base)
+        run.state.masks[SHARED] = run.select(scores, target, base)
+        if run.is_chief:
+            print(f"[gradual] step {step}: sparsity {target:.3f}", flush=True)
+        self.handle = attach_gates(run.model, run.gates_for(run.state.masks[SHARED]))
+
+    def on_end(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
 class Run:
-    """State and stages of one run on one worker."""
+    """State and stages of one run on one worker (or in one process)."""
 
-    def __init__(self, config: dict):
-        import ray
-        import ray.train
-
-        import raysparse
+    def __init__(self, config: dict, session: Session | None = None):
         from raysparse.data.tasks import get_task
-        from raysparse.training.batches import build_task_model
+        from raysparse.models.sources import load_encoder, load_tokenizer
         from raysparse.tracking.runs import RunLogger
+        from raysparse.training.batches import build_task_model
 
+        self.session = session or RayTrainSession()
         self.spec = RunSpec.model_validate(config["spec"])
         self.languages: dict[str, list[str]] = config["languages"]
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.is_chief = self.rank == 0
+        self.storage: str | None = config.get("storage")      # where the stage cache lives (<storage>/cache)
+        self.run_id: str | None = config.get("run_id")
+        self.rank, self.world_size = self.session.rank, self.session.world_size
+        self.is_chief = self.session.is_chief
         self.log = RunLogger(config.get("tracking_uri"), config.get("run_id") if self.is_chief else None)
-        # Which node does the work (on a cluster, where to look for logs; a restart may move it).
-        self.log.tags({"raysparse.node_id": ray.get_runtime_context().get_node_id()})
+        # which node does the work (on a cluster, where to look for logs) and how: Ray Train workers,
+        # a Tune trial's own process, or the calling process
+        self.log.tags({"raysparse.executor": type(self.session).__name__,
+                       **({"raysparse.node_id": self.session.node_id} if self.session.node_id else {})})
         torch.manual_seed(self.spec.seed)
         self.task = get_task(self.spec.data.task)
         trust = self.spec.model.trust_remote_code
-        self.tokenizer = raysparse.load_tokenizer(self.spec.model.source, trust_remote_code=trust)
-        encoder = raysparse.load_model(self.spec.model.source, trust_remote_code=trust)
-        self.model = build_task_model(encoder, self.task, seed=self.spec.seed)
+        self.tokenizer = load_tokenizer(self.spec.model.source, trust_remote_code=trust)
+        self.model = build_task_model(load_encoder(self.spec.model.source, trust_remote_code=trust), self.task,
+                                      seed=self.spec.seed)
         if self.spec.finetune.freeze_word_embeddings:
             freeze_word_embeddings(self.model)
         # Weights no stage changes: checkpoints leave them out, a restart reloads them from the source.
         self.frozen = frozenset(name for name, p in self.model.named_parameters() if not p.requires_grad)
-        self.data = TaskData(self.spec, self.tokenizer, self.rank, self.world_size)
+        self.data = TaskData(self.spec, self.tokenizer, self.rank, self.world_size, prompt=retrieval_prompt(self.model))
         self.algorithm = build_algorithm(self.spec)
         self.selection = Selection(self.spec.pruning.scope, self.spec.pruning.normalize, self.spec.pruning.round_to)
         self.teacher: nn.Module | None = None
+        self.sizes: dict = {}                      # finalize: "dense" and each mask's shrunk Size
+        self.observers: list[Callback] = []        # callbacks every training stage runs too (timers, notebooks)
         self.state = RunState()
         self.optimizer_state: dict | None = None   # from the checkpoint a restarted run resumes
         self.reported = False
-        self._restore()
+        with self.session.restore() as folder:
+            if folder is not None:
+                self._load_checkpoint(folder)
+                self._resumed()
         self._clock = (self.state.stage, time.time(), time.process_time())
         self.ddp = self._wrap(self.model)
 
     # --- checkpoints --------------------------------------------------------------------
-    def _restore(self) -> None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return
-        with tempfile.TemporaryDirectory(prefix="raysparse-restore-") as folder:
-            checkpoint.to_directory(folder)
-            self._load_checkpoint(Path(folder))
+    def _resumed(self) -> None:
         self.state.metrics["resumes"] = self.state.metrics.get("resumes", 0) + 1
         if self.is_chief:
             print(f"[resume] continuing at stage {self.state.stage}, step {self.state.step}", flush=True)
@@ -124,32 +173,35 @@ class Run:
 
     def _load_checkpoint(self, folder: Path) -> None:
         self.state = RunState.load(folder)
+        if (folder / "teacher.safetensors").is_file():   # the dense teacher, before the student is reshaped
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            load_weights(self.teacher, folder / "teacher.safetensors", self.frozen)
         self._before_weights_load()
         load_weights(self.model, folder / "model.safetensors", self.frozen)
-        if (folder / "teacher.safetensors").is_file():
-            self.teacher = copy.deepcopy(self.model)
-            load_weights(self.teacher, folder / "teacher.safetensors", self.frozen)
         if (folder / "algorithm.safetensors").is_file() and hasattr(self.algorithm, "load_state_dict"):
             self.algorithm.load_state_dict(load_file(str(folder / "algorithm.safetensors")))
         self.optimizer_state = read_optimizer(folder / "optimizer.pt")
 
     def _before_weights_load(self) -> None:
-        """Hook for subclasses: reshape the model to what the checkpoint holds (e.g. rewired) before loading it."""
+        """Give the model the shape the checkpoint holds: shrunk once a round of selection ended."""
+        if self._selected():
+            shrink(self.model, union_of(self.state.masks.values()))
+
+    def _selected(self) -> bool:
+        """Whether selection has fixed masks the model is shrunk to (not gradual's moving ones)."""
+        stage = STAGES.index(self.state.stage)
+        return bool(self.state.masks) and self.spec.recovery.shrink and (stage > STAGES.index("prune")
+                                           or (stage == STAGES.index("prune") and self.state.prune_round > 0))
 
     def report(self, metrics: dict | None = None, optimizer=None, scheduler=None, checkpoint: bool = True) -> None:
-        """Report to Ray Train (all ranks); rank 0 attaches a checkpoint of the full state."""
-        import ray.train
-
+        """Report progress (all ranks); rank 0 attaches a checkpoint of the full state."""
         self.reported = True
         self._charge_time()
         values = {"stage_index": float(STAGES.index(self.state.stage)), "stage_step": float(self.state.step)}
         values.update(self.state.metrics)
         values.update(metrics or {})
-        if not (checkpoint and self.is_chief):
-            ray.train.report(values, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory(prefix="raysparse-ckpt-") as folder:
-            folder = Path(folder)
+
+        def write(folder: Path) -> None:
             self.state.save(folder)
             save_weights(self.model, folder / "model.safetensors", self.frozen)
             if self.teacher is not None:
@@ -159,7 +211,8 @@ class Run:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "algorithm.safetensors"))
             if optimizer is not None:
                 save_optimizer(optimizer, scheduler, folder / "optimizer.pt")
-            ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+
+        self.session.report(values, write if checkpoint else None)
 
     def _charge_time(self) -> None:
         """Add the wall and CPU seconds since the last report to the stage they were spent in.
@@ -176,94 +229,19 @@ class Run:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """Move to this worker's device; wrap in DDP when there are several workers."""
-        import ray.train.torch
-
-        wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if self.world_size > 1 else None)
+        wrapped = self.session.wrap(model)
         if self.teacher is not None:
-            self.teacher.to(ray.train.torch.get_device())
+            self.teacher.to(next(model.parameters()).device)
         return wrapped
 
-    # --- optimisation ---------------------------------------------------------------------
-    def _optimizer(self, learning_rate: float, steps: int, warmup_ratio: float, extra_groups: list | None = None):
-        from transformers import get_linear_schedule_with_warmup
-
-        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() > 1]
-        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() <= 1]
-        groups = [{"params": decay, "weight_decay": self.spec.finetune.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}, *(extra_groups or [])]
-        optimizer = torch.optim.AdamW(groups, lr=learning_rate)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps), max(steps, 1))
-        return optimizer, scheduler
-
-    def _gates_for(self, mask: Mask) -> UnitGates:
+    # --- building blocks -------------------------------------------------------------------
+    def gates_for(self, mask: Mask) -> UnitGates:
+        """``mask`` (original coordinates) as gate rows of the model's current (maybe shrunk) layers."""
         heads, neurons, layers = mask_rows_for(self.model, mask)
         return UnitGates(heads, neurons, layers)
 
-    # --- stages -----------------------------------------------------------------------------
-    def finetune(self) -> None:
-        spec, total = self.spec, self.spec.finetune.steps
-        rows = self.data.pool(self.languages["finetune"])
-        learned = self.algorithm.learns_during_training
-        gradual = spec.pruning.schedule == "gradual"
-        if learned:
-            self.algorithm.attach(self.model)
-        optimizer, scheduler = self._optimizer(spec.finetune.learning_rate, total, spec.finetune.warmup_ratio,
-                                               self.algorithm.extra_parameters() if learned else None)
-        if self.state.step:
-            load_optimizer(optimizer, scheduler, self.optimizer_state)
-        mask_handle = None
-        if gradual and SHARED in self.state.masks:
-            mask_handle = attach_gates(self.model, self._gates_for(self.state.masks[SHARED]))
-        progress = Progress("finetune", total, self.is_chief)
-        self.model.train()
-        for step in range(self.state.step, total):
-            batch = self.data.batch(rows, step, spec.finetune.batch_size)
-            loss = self.data.loss(self.ddp, batch)
-            regularization = self.algorithm.regularization(step, total) if learned else None
-            full = loss + regularization if regularization is not None else loss
-            optimizer.zero_grad(set_to_none=True)
-            full.backward()
-            if learned:
-                self.algorithm.after_backward(self.model, step)
-            optimizer.step()
-            scheduler.step()
-            self.state.step = step + 1
-            progress.step(step, loss.item())
-            if self.is_chief and (step + 1) % 10 == 0:
-                self.log.metrics({"train/loss": loss.item(), **({f"train/{k}": v for k, v in
-                                                                 self.algorithm.metrics().items()} if learned else {})},
-                                 step=step + 1)
-            if gradual and (step + 1) % max(1, spec.pruning.options.get("prune_every", 10)) == 0:
-                mask_handle = self._gradual_update(step + 1, total, rows, mask_handle)
-            if (step + 1) % spec.resources.checkpoint_every == 0 and step + 1 < total:
-                self.report({"train/loss": loss.item()}, optimizer, scheduler)
-        if mask_handle is not None:
-            mask_handle.remove()
-        if learned:
-            self.algorithm.detach(self.model)
-        if spec.recovery.distillation.enabled:
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.state.advance("prune")
-        self.report()
-
-    def _gradual_update(self, step: int, total: int, rows: list, handle):
-        """Cubic ramp: re-score and tighten the shared mask as fine-tuning proceeds."""
-        target = cubic_sparsity(step, total, self.spec.pruning.sparsity,
-                                end_step=int(total * self.spec.pruning.options.get("ramp_fraction", 0.8)))
-        base = self.state.masks.get(SHARED)
-        current = 0.0 if base is None else _sparsity(self.model, base)
-        if target <= current + 1e-9:
-            return handle
-        if handle is not None:
-            handle.remove()
-        scores = self._score(rows, base)
-        enc = Encoder(self.model)
-        self.state.masks[SHARED] = select_mask(scores, target, enc.hidden_size, enc.head_dim, self.selection, base)
-        if self.is_chief:
-            print(f"[gradual] step {step}: sparsity {target:.3f}", flush=True)
-        return attach_gates(self.model, self._gates_for(self.state.masks[SHARED]))
-
-    def _score(self, rows: list, base: Mask | None, salt: int = 0) -> UnitScores:
+    def score(self, rows: list, base: Mask | None, salt: int = 0) -> UnitScores:
+        """The algorithm's unit scores on ``scoring_examples`` rows, summed over workers."""
         spec = self.spec
         count = max(1, spec.pruning.scoring_examples // (spec.finetune.batch_size * self.world_size))
         batches = self.data.batches(rows, 0, count, spec.finetune.batch_size, salt=1000 + salt)
@@ -272,79 +250,197 @@ class Run:
         self.model.train(was_training)
         return all_reduce_scores(scores)
 
-    def prune(self) -> None:
-        """Score and select: one mask (shared) or one per language, exact target sparsity."""
-        spec = self.spec
+    def select(self, scores: UnitScores, target: float, base: Mask | None) -> Mask:
         enc = Encoder(self.model)
+        return select_mask(scores, target, enc.hidden_size, enc.head_dim, self.selection, base)
+
+    def fit(self, stage: str, objective, optimizer, scheduler, steps: int, callbacks: list[Callback] = (),
+            resumable: bool = True, progress: Progress | None = None) -> None:
+        """The one loop, with what every stage wants: step counting for resume, progress, MLflow
+        curves (``<stage>/loss`` every 10 steps) and checkpoints every ``resources.checkpoint_every``."""
+        every = self.spec.resources.checkpoint_every
+        extra_metrics = [c for c in callbacks if isinstance(c, LearnedImportance)]
+
+        def count(step: int, loss: float) -> None:
+            self.state.step = step
+
+        def log(step: int, loss: float) -> None:
+            values = {f"{stage}/loss": loss}
+            for callback in extra_metrics:
+                values.update({f"{stage}/{k}": v for k, v in callback.algorithm.metrics().items()})
+            self.log.metrics(values, step=step)
+
+        def checkpoint(step: int, loss: float) -> None:
+            if step < steps:
+                self.report({f"{stage}/loss": loss}, optimizer, scheduler)
+
+        watchers = [Every(1, count), Every(10, log, steps), Every(every, checkpoint)] if resumable else []
+        seeded = SeededSteps(self.spec.seed + zlib.crc32(stage.encode()))
+        train(self.ddp, objective, optimizer, scheduler, steps, start=self.state.step if resumable else 0,
+              callbacks=[seeded, *callbacks, progress or Progress(stage, steps, self.is_chief), *watchers, *self.observers],
+              no_sync=self.session.no_sync(self.ddp))
+
+    def optimizer(self, learning_rate: float, steps: int, warmup_ratio: float, callbacks: list[Callback] = (),
+                  resume: bool = True):
+        groups = [group for callback in callbacks for group in callback.param_groups()]
+        optimizer, scheduler = make_optimizer(self.model, learning_rate, self.spec.finetune.weight_decay,
+                                              max(steps, 1), int(warmup_ratio * steps), groups)
+        if resume and self.state.step:
+            load_optimizer(optimizer, scheduler, self.optimizer_state)
+        return optimizer, scheduler
+
+    # --- stages -----------------------------------------------------------------------------
+    def finetune(self) -> None:
+        spec, total = self.spec, self.spec.finetune.steps
+        rows = self.data.pool(self.languages["finetune"])
+        callbacks: list[Callback] = []
+        if self.algorithm.learns_during_training:
+            callbacks.append(LearnedImportance(self.algorithm, self.model, total))
+        if spec.pruning.schedule == "gradual":
+            callbacks.append(GradualPruning(self, rows, total))
+        cache = self._finetune_cache(callbacks)
+        if cache is not None:
+            self._finetune_through(cache, lambda extra: self._train_dense(rows, total, [*callbacks, *extra]))
+        elif total > 0:
+            self._train_dense(rows, total, callbacks)
+        else:
+            for callback in callbacks:
+                callback.on_end()
+        if spec.data.evaluate_dense and self.is_chief:
+            self._evaluate_dense()
+        if spec.recovery.distillation.enabled:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.state.advance("prune")
+        self.report()
+
+    def _train_dense(self, rows: list, total: int, callbacks: list[Callback]) -> None:
+        spec = self.spec
+        optimizer, scheduler = self.optimizer(spec.finetune.learning_rate, total, spec.finetune.warmup_ratio,
+                                              callbacks)
+        objective = single(lambda step: self.data.loss(self.ddp, self.data.batch(rows, step, spec.finetune.batch_size)))
+        self.fit("train", objective, optimizer, scheduler, total, callbacks,
+                 progress=Progress("finetune", total, self.is_chief))
+
+    def _finetune_cache(self, callbacks: list[Callback]):
+        """(cache, key) when this fine-tuning depends on no pruning choice and may be shared, else None:
+        on, one worker, a fresh start, a local storage folder, no algorithm learning or schedule pruning
+        while it trains."""
+        from raysparse.training.stage_cache import StageCache, stage_key, weights_digest
+
+        spec = self.spec
+        if (not spec.finetune.cache or spec.finetune.steps == 0 or callbacks or self.world_size > 1
+                or self.state.step or not self.storage or "://" in self.storage):
+            return None
+        from raysparse.models.sources import resolve_model
+        from raysparse.paths import data_dir
+
+        location = resolve_model(spec.model.source)
+        determinants = {"model": spec.model.source, "weights": weights_digest(location), "task": spec.data.task,
+                        "data_dir": str(data_dir(spec.data.dir)), "languages": sorted(self.languages["finetune"]),
+                        "data": spec.data.model_dump(include={"regime", "train_fraction", "max_train_examples",
+                                                               "max_length", "doc_stride"}),
+                        "finetune": spec.finetune.model_dump(exclude={"cache"}), "seed": spec.seed}
+        owner = self.run_id or f"spec:{stage_key('finetune', {'spec': spec.model_dump()})}"
+        return StageCache(Path(self.storage) / "cache", owner=owner), stage_key("finetune", determinants)
+
+    def _finetune_through(self, cache, train) -> None:
+        """Load the cached fine-tuned model, or train it (holding the key's lock) and store it."""
+        store, key = cache
+        record = store.acquire("finetune", key)
+        if record is None:
+            try:
+                train([Every(5, lambda step, loss: store.touch("finetune", key))])
+                record = store.put("finetune", key, lambda folder: save_weights(self.model, folder / "model.safetensors",
+                                                                                self.frozen),
+                                   {"run_id": self.run_id, "run": self.spec.name})
+            finally:
+                store.release("finetune", key)
+            hit = False
+        else:
+            load_weights(self.model, Path(record["folder"]) / "model.safetensors", self.frozen)
+            hit = True
+        if self.is_chief:
+            print(f"[finetune] cache {'hit' if hit else 'miss'}: {record['folder']}", flush=True)
+        self.state.metrics["cache/finetune/hit"] = float(hit)
+        self.log.metrics({"cache/finetune/hit": float(hit)})
+        self.log.tags({"raysparse.cache.finetune": "hit" if hit else "miss", "raysparse.cache.finetune.key": key,
+                       "raysparse.cache.finetune.producer": record.get("run_id") or record.get("owner")})
+
+    def _evaluate_dense(self) -> None:
+        """The fine-tuned dense model's quality, as ``dense/<task>/<lang>/<metric>`` (the reference of a share)."""
+        result = self._evaluate({})
+        self.state.metrics.update({f"dense/{k}": v for k, v in result.metrics.items()})
+        self.log.metrics({f"dense/{k}": v for k, v in result.metrics.items()})
+
+    def prune(self) -> None:
+        """Score and select: one mask (shared) or one per language, exact target sparsity; then shrink."""
+        spec = self.spec
         keys = [SHARED] if spec.pruning.setting == "shared" else list(self.languages["scoring"])
         rounds = spec.pruning.iterations if spec.pruning.schedule == "iterative" else 1
-        if spec.pruning.schedule == "gradual":
-            rounds = 1
         between_steps = spec.recovery.steps // (rounds + 1) if rounds > 1 else 0
         for round_index in range(self.state.prune_round, rounds):
             target = spec.pruning.sparsity * (round_index + 1) / rounds
             for key in keys:
                 rows = self.data.pool(self.languages["scoring"] if key == SHARED else [key])
                 base = self.state.masks.get(key)
+                # methods that score from data (layer dropping by gradient) decide their mask from those scores
                 learned = self.algorithm.learns_during_training
-                # methods that score from data (layer dropping by gradient) decide their own mask from those scores
-                scores = None if learned else self._score(rows, base, salt=round_index)
+                scores = None if learned else self.score(rows, base, salt=round_index)
                 final = self.algorithm.final_mask(self.model, target)
                 if final is not None:   # the method decided the mask itself (L0 gates, dropped layers)
                     mask = final
                     if scores is None:
                         scores = self.algorithm.score(self.model, None, None, base)
                 else:
-                    if scores is None:
-                        scores = self._score(rows, base, salt=round_index)
-                    mask = select_mask(scores, target, enc.hidden_size, enc.head_dim, self.selection, base)
+                    if scores is None:   # movement: its learned scores, read now
+                        scores = self.score(rows, base, salt=round_index)
+                    mask = self.select(scores, target, base)
                 self.state.masks[key], self.state.scores[key] = mask, scores
                 if self.is_chief:
                     print(f"[prune] round {round_index + 1}/{rounds} {key}: sparsity {target:.3f}, {mask.summary()}",
                           flush=True)
+            self._shrink_to_masks()
             if round_index + 1 < rounds and between_steps:
-                self._train_under_masks(between_steps, spec.recovery.learning_rate, "recover-between", start=0)
+                self._recover(between_steps, "recover-between", resumable=False)
             self.state.prune_round = round_index + 1
             self.report()
         self.state.advance("recover")
         self.report()
 
-    def _train_under_masks(self, steps: int, learning_rate: float, stage: str, start: int = 0,
-                           optimizer=None, scheduler=None) -> None:
-        """Recovery: train the weights with each batch's language mask applied (gates)."""
-        spec = self.spec
+    def _shrink_to_masks(self) -> None:
+        """Remove what every mask removes, physically: recovery then trains at the kept size."""
+        if not self.spec.recovery.shrink:
+            return
+        shrink(self.model, union_of(self.state.masks.values()))
+        self.ddp = self._wrap(self.model)
+
+    def _recover(self, steps: int, stage: str, resumable: bool = True) -> None:
+        """Train the shrunk model; with per-language masks, each batch's language gates what it drops."""
+        spec, distill = self.spec, self.spec.recovery.distillation
         keys = sorted(self.state.masks)
         pools = {key: self.data.pool(self.languages["scoring"] if key == SHARED else [key]) for key in keys}
-        gates = self._gates_for(self.state.masks[keys[0]])
-        gate_rows = {key: self._gates_for(self.state.masks[key]) for key in keys}
-        if optimizer is None:
-            optimizer, scheduler = self._optimizer(learning_rate, steps, 0.0)
-        distill = spec.recovery.distillation
+        gate_rows = {key: self.gates_for(self.state.masks[key]) for key in keys}
+        # with one mask, the shrunk model is exactly the kept network and needs no gates
+        partial = len(keys) > 1 or not spec.recovery.shrink
+        gates = UnitGates()
         layer_maps = {}
         if distill.enabled and distill.hidden and self.teacher is not None:
             from raysparse.training.distill import layer_map_for
 
             layer_maps = {key: layer_map_for(self.model, self.teacher, self.state.masks[key]) for key in keys}
-        progress = Progress(stage, steps, self.is_chief)
-        self.model.train()
-        with attach_gates(self.model, gates):
-            for step in range(start, steps):
-                key = keys[step % len(keys)]
+
+        def loss(step: int) -> torch.Tensor:
+            key = keys[step % len(keys)]
+            if partial:
                 gates.heads, gates.neurons, gates.layers = (gate_rows[key].heads, gate_rows[key].neurons,
                                                             gate_rows[key].layers)
-                batch = self.data.batch(pools[key], step, spec.finetune.batch_size, salt=2000 + zlib.crc32(key.encode()) % 997)
-                loss = self._recovery_loss(batch, distill, layer_maps.get(key))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                progress.step(step, loss.item(), f"({key})")
-                if stage == "recover":
-                    self.state.step = step + 1
-                    if self.is_chief and (step + 1) % 10 == 0:
-                        self.log.metrics({"recover/loss": loss.item()}, step=step + 1)
-                    if (step + 1) % spec.resources.checkpoint_every == 0 and step + 1 < steps:
-                        self.report({"recover/loss": loss.item()}, optimizer, scheduler)
+            batch = self.data.batch(pools[key], step, spec.finetune.batch_size,
+                                    salt=2000 + zlib.crc32(key.encode()) % 997)
+            return self._recovery_loss(batch, distill, layer_maps.get(key))
+
+        optimizer, scheduler = self.optimizer(spec.recovery.learning_rate, steps, 0.0, resume=resumable)
+        with attach_gates(self.model, gates) if partial else contextlib.nullcontext():
+            self.fit(stage, single(loss), optimizer, scheduler, steps, resumable=resumable)
 
     def _recovery_loss(self, batch, distill, layer_map) -> torch.Tensor:
         if not distill.enabled or self.teacher is None:
@@ -361,27 +457,27 @@ class Run:
         steps = spec.recovery.steps - (spec.recovery.steps // (spec.pruning.iterations + 1)
                                        if spec.pruning.schedule == "iterative" and spec.pruning.iterations > 1 else 0)
         if steps > 0:
-            optimizer, scheduler = self._optimizer(spec.recovery.learning_rate, steps, 0.0)
-            if self.state.step:
-                load_optimizer(optimizer, scheduler, self.optimizer_state)
-            self._train_under_masks(steps, spec.recovery.learning_rate, "recover", self.state.step, optimizer,
-                                    scheduler)
+            self._recover(steps, "recover")
         self.state.advance("evaluate")
         self.report()
+
+    def _evaluate(self, masks: dict):
+        from raysparse.training.evaluate import evaluate
+
+        spec = self.spec
+        self.model.eval()
+        return evaluate(self.model, self.tokenizer, self.task.name, self.languages["evaluation"],
+                        data_dir=spec.data.dir, max_examples=spec.data.max_eval_examples,
+                        skip_examples=spec.data.skip_eval_examples, seed=spec.seed,
+                        train_fraction=spec.data.train_fraction, masks=masks)
 
     def evaluate(self) -> None:
         """Rank 0 evaluates every language, each with its own mask (or the shared one)."""
         if self.is_chief:
-            from raysparse.training.evaluate import evaluate
-
-            spec = self.spec
             masks = self.state.masks
             per_language = ({lang: masks[SHARED] for lang in self.languages["evaluation"]} if SHARED in masks
                             else {lang: masks[lang] for lang in self.languages["evaluation"] if lang in masks})
-            self.model.eval()
-            result = evaluate(self.model, self.tokenizer, self.task.name, self.languages["evaluation"],
-                              data_dir=spec.data.dir, max_examples=spec.data.max_eval_examples, seed=spec.seed,
-                              train_fraction=spec.data.train_fraction, masks=per_language)
+            result = self._evaluate(per_language)
             self.state.metrics.update(result.metrics)
             self.state.sources.update({f"eval.{k}": v for k, v in result.sources.items()})
             self.state.sources.update({f"train.{k}": v for k, v in self.data.sources.items()})
@@ -411,23 +507,9 @@ class Run:
         if not self.reported:   # restored a finished run: report its result once more
             self.report(checkpoint=True)
 
-
 def build_algorithm(spec: RunSpec):
-    """The spec's algorithm; the run's seed and target sparsity reach methods that take them."""
-    import inspect
-
-    from raysparse.pruning import ALGORITHMS
-
-    options = {k: v for k, v in spec.pruning.options.items() if v is not None}   # null: the method's default
-    accepted = inspect.signature(ALGORITHMS[spec.pruning.algorithm].__init__).parameters
-    if "seed" in accepted:
-        options.setdefault("seed", spec.seed)
-    if "target_sparsity" in accepted:
-        options.setdefault("target_sparsity", spec.pruning.sparsity)
-    for key in ("prune_every", "ramp_fraction"):   # schedule options, not the algorithm's
-        if key not in accepted:
-            options.pop(key, None)
-    return get_algorithm(spec.pruning.algorithm, **options)
+    """The spec's algorithm with its typed options (the run's seed and target sparsity where it takes them)."""
+    return algorithm_for(spec.pruning.algorithm, spec.pruning.options, spec.seed, spec.pruning.sparsity)
 
 
 def algorithm_state(algorithm) -> dict:
@@ -447,10 +529,4 @@ def _sparsity(model: nn.Module, mask: Mask) -> float:
     return encoder_sparsity_of(mask, enc.hidden_size, enc.head_dim)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Entry point Ray Train calls on every worker."""
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    Run(config).execute()
-
-
-__all__ = ["Run", "train_loop_per_worker"]
+__all__ = ["GradualPruning", "LearnedImportance", "Run", "SHARED", "all_reduce_scores", "union_of"]

@@ -1,0 +1,126 @@
+"""Benchmark: what a recovery step costs when the model is trained at the size it keeps.
+
+The embedded multilingual-e5-small, pruned to 50% encoder sparsity by gradient importance
+(global scope, the committed best spec ``experiments/specs/e5-small-tatoeba-50.yaml``), then
+the same N recovery steps (same batches, same seed, distillation from the dense model as in
+that spec) three ways, one after another in this process, each through the run pipeline:
+
+* dense:  sparsity 0, the full model trains (the reference cost of a step);
+* gated:  the full-size model with the pruned units gated off (``recovery.shrink: false``,
+          how recovery ran before);
+* shrunk: the model physically shrunk to the mask, then trained (``recovery.shrink: true``,
+          the default now).
+
+Prints the median milliseconds per step of each (steps after the first two), the ratios
+shrunk/dense and gated/dense, and Tatoeba top-1 after recovery for gated and shrunk (first
+``--eval-pairs`` pairs of every language present). Targets (issue 14): shrunk/dense <= 0.55 at
+50% sparsity; shrunk quality within 1 point of gated.
+
+    .venv/bin/python experiments/bench/recovery_cost.py                       # ~30 min on 2 cores
+    .venv/bin/python experiments/bench/recovery_cost.py --steps 10 --eval-pairs 50 --languages de,fr,ru
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from raysparse.training.loop import Callback
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = ROOT / "experiments" / "specs" / "e5-small-tatoeba-50.yaml"
+
+
+class StepTimer(Callback):
+    """Wall time of every training step of the stages it observes."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._last = 0.0
+
+    def on_start(self, step):
+        self._last = time.perf_counter()
+
+    def on_step_end(self, step, loss):
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
+
+
+def variant(spec, **changes):
+    data = spec.model_dump()
+    for path, value in changes.items():
+        section, key = path.split(".")
+        data[section][key] = value
+    return data
+
+
+def main() -> None:
+    from raysparse.config import RunSpec, load_spec, parse
+    from raysparse.runner import preflight
+    from raysparse.training.pipeline import build_pipeline
+    from raysparse.structure import Encoder, encoder_sparsity_of
+    from raysparse.training.session import LocalSession
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="recovery steps timed per variant")
+    parser.add_argument("--eval-pairs", type=int, default=500, help="Tatoeba pairs per language evaluated")
+    parser.add_argument("--languages", default=None, help="Tatoeba languages (default: every one present)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base = load_spec(SPEC)
+    base = parse(RunSpec, variant(base, **{"recovery.steps": args.steps, "data.max_eval_examples": args.eval_pairs,
+                                          "data.languages": args.languages.split(",") if args.languages else None,
+                                          "efficiency.latency": False, "tracking.log_models": "none"}))
+    languages = preflight(base)
+    print(f"{SPEC.name}: {base.pruning.algorithm} to {base.pruning.sparsity} encoder sparsity, {args.steps} recovery "
+          f"steps (batch {base.finetune.batch_size}, length {base.data.max_length}, distillation "
+          f"{'on' if base.recovery.distillation.enabled else 'off'}), {args.threads} threads; Tatoeba: "
+          f"{len(languages['evaluation'])} languages, first {args.eval_pairs} pairs", flush=True)
+    variants = {"dense": variant(base, **{"pruning.sparsity": 0.0}),
+                "gated": variant(base, **{"recovery.shrink": False}),
+                "shrunk": variant(base, **{"recovery.shrink": True})}
+    ms, quality, sparsity = {}, {}, {}
+    for name, spec in variants.items():
+        pipeline = build_pipeline(parse(RunSpec, spec), languages, LocalSession())
+        pipeline.finetune()
+        pipeline.prune()
+        timer = StepTimer()
+        pipeline.observers.append(timer)
+        pipeline.recover()
+        ms[name] = 1000 * statistics.median(timer.times[2:] or timer.times)
+        spread = [1000 * t for t in timer.times[2:]] or [ms[name]]
+        enc = Encoder(pipeline.model)
+        sparsity[name] = encoder_sparsity_of(pipeline.state.masks["shared"], enc.hidden_size, enc.head_dim)
+        print(f"[{name}] {ms[name]:.0f} ms/step median (min {min(spread):.0f}, max {max(spread):.0f}) over "
+              f"{len(spread)} steps; encoder sparsity {sparsity[name]:.3f}", flush=True)
+        if name != "dense":
+            pipeline.evaluate()
+            quality[name] = pipeline.state.metrics
+        del pipeline
+
+    task = "tatoeba"
+    print()
+    print(f"{'':8} {'ms/step':>8} {'/ dense':>8} {'avg top-1':>10} {'worst':>7}")
+    for name in variants:
+        q = quality.get(name, {})
+        avg, worst = q.get(f"{task}/avg/accuracy"), q.get(f"{task}/worst/accuracy")
+        print(f"{name:8} {ms[name]:8.0f} {ms[name] / ms['dense']:8.2f} "
+              f"{'' if avg is None else f'{avg:.3f}':>10} {'' if worst is None else f'{worst:.3f}':>7}")
+    ratio = ms["shrunk"] / ms["dense"]
+    gap = quality["shrunk"][f"{task}/avg/accuracy"] - quality["gated"][f"{task}/avg/accuracy"]
+    print(f"\nshrunk/dense {ratio:.2f} (target <= 0.55): {'met' if ratio <= 0.55 else 'NOT met'}; "
+          f"gated/dense {ms['gated'] / ms['dense']:.2f}; shrunk/gated {ms['shrunk'] / ms['gated']:.2f}")
+    print(f"shrunk - gated Tatoeba avg: {100 * gap:+.1f} points (target: within 1): "
+          f"{'met' if abs(gap) <= 0.01 or gap > 0 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

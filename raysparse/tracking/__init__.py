@@ -1,0 +1,1 @@
+"""MLflow tracking: the local server and the runs each experiment logs to."""

@@ -1,0 +1,1 @@
+"""Training on Ray Train workers: batches, fine-tuning, pruning stages, distillation, evaluation."""

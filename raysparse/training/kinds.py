@@ -1,0 +1,78 @@
+"""How each task kind trains: what a batch of its rows is and which loss it minimises.
+
+A kind's strategy (:mod:`raysparse.data.kinds`) names its objective; this module holds the
+torch side of the two there are:
+
+- ``head``: rows are token features with labels (or answer positions), padded per batch;
+  the loss is the one the task head returns (classification, tagging, QA).
+- ``contrastive``: rows are (sentence, English) translation pairs, both sides tokenised
+  after the model's retrieval prompt in one batch; the loss is a symmetric InfoNCE over
+  the normalised sentence embeddings (retrieval).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from raysparse.data.tasks import Task, get_task
+from raysparse.training.batches import PaddingCollator
+
+if TYPE_CHECKING:
+    from raysparse.training.taskdata import TaskData
+
+
+class Objective:
+    """The batches and the loss of one training objective."""
+
+    name: str
+
+    def batch(self, data: TaskData, rows: Sequence) -> dict:
+        """One batch of training ``rows`` (as a kind's ``training_rows`` gives them), with ``data``'s
+        tokenizer, sequence length and retrieval prompt."""
+        raise NotImplementedError
+
+    def loss(self, outputs: dict) -> torch.Tensor:
+        """The loss from a TaskModel forward over such a batch."""
+        raise NotImplementedError
+
+
+class HeadObjective(Objective):
+    name = "head"
+
+    def batch(self, data, rows):
+        return PaddingCollator(data.tokenizer.pad_token_id)(rows)
+
+    def loss(self, outputs):
+        return outputs["loss"]
+
+
+class ContrastiveObjective(Objective):
+    name = "contrastive"
+
+    def batch(self, data, rows):
+        from raysparse.training.retrieval import tokenize
+
+        sources, targets = zip(*rows)   # one forward over both sides (DDP syncs once)
+        return dict(tokenize(data.tokenizer, [*sources, *targets], data.prompt, data.spec.data.max_length))
+
+    def loss(self, outputs):
+        from raysparse.training.retrieval import info_nce
+
+        embeddings = outputs["embeddings"]
+        half = len(embeddings) // 2   # sources, then their translations
+        return info_nce(embeddings[:half], embeddings[half:])
+
+
+OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (HeadObjective(),
+                                                                               ContrastiveObjective())}
+
+
+def objective_of(task: str | Task) -> Objective:
+    """The objective ``task``'s kind trains with."""
+    return OBJECTIVES[get_task(task).strategy.objective]
+
+
+__all__ = ["ContrastiveObjective", "HeadObjective", "OBJECTIVES", "Objective", "objective_of"]

@@ -1,0 +1,191 @@
+"""The one training loop: fine-tuning, recovery, gradual pruning, learned importances, DS.
+
+Every stage that updates weights calls :func:`train`. What differs between them plugs in
+from outside, so the loop never asks which algorithm or schedule is running:
+
+* the *objective* of a step: a list of closures, each returning a loss for one backward
+  pass (one for ordinary training; several for Dynamic Sparsification's sandwich rule,
+  where gradients of every sampled sub-network accumulate before one update);
+* :class:`Callback` s: learned importances (L0 gates, movement) add a regulariser and
+  read gradients, pruning schedules tighten masks between steps, checkpoints, progress
+  lines and MLflow logging watch the step counter (Lightning and Sheared-LLaMA keep
+  pruning out of the trainer the same way).
+
+Every update clips gradients and refuses a non-finite loss, whichever stage runs it.
+Steps are counted from ``start``, so a resumed stage continues at the step it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.optim import AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from raysparse.errors import RaysparseError
+
+Objective = Callable[[int], Sequence[Callable[[], torch.Tensor]]]
+
+
+class Callback:
+    """Hooks the loop calls; each does nothing unless overridden."""
+
+    def param_groups(self) -> list[dict]:
+        """Extra optimizer parameter groups (e.g. L0 log-alphas); read before the optimizer is built."""
+        return []
+
+    def on_start(self, step: int) -> None:
+        """Before the first step (``step`` > 0 when a stage resumes)."""
+
+    def on_step_start(self, step: int) -> None:
+        """Before the forward passes of ``step`` (counting from 0)."""
+
+    def extra_loss(self, step: int) -> torch.Tensor | None:
+        """A term added to the first backward pass of ``step`` (a regulariser)."""
+        return None
+
+    def after_backward(self, step: int) -> None:
+        """After every backward pass of ``step``, before clipping and the update."""
+
+    def on_step_end(self, step: int, loss: float) -> None:
+        """After the update; ``step`` counts updates done (from 1)."""
+
+    def on_end(self) -> None:
+        """After the last step, also when training stops with an error."""
+
+
+def linear_schedule(steps: int, warmup: int) -> Callable[[int], float]:
+    """LR factor: 0 -> 1 over ``warmup`` steps, then linearly down to 0 at ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float, steps: int, warmup: int,
+                   extra_groups: Sequence[dict] = ()) -> tuple[Optimizer, LambdaLR]:
+    """AdamW over the trainable parameters (no decay on biases and norms, i.e. tensors of one
+    dimension) plus ``extra_groups``, and a linear warmup/decay schedule over ``steps``."""
+    if not learning_rate > 0:
+        raise RaysparseError(f"training.learning_rate: {learning_rate!r} (expected a positive number)")
+    if weight_decay < 0:
+        raise RaysparseError(f"training.weight_decay: {weight_decay!r} (expected a number >= 0)")
+    if not isinstance(steps, int) or steps < 1:
+        raise RaysparseError(f"training.steps: {steps!r} (expected a positive integer)")
+    if not isinstance(warmup, int) or not 0 <= warmup <= steps:
+        raise RaysparseError(f"training.warmup: {warmup!r} (expected an integer of steps in [0, {steps}])")
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() > 1 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              *extra_groups]
+    optimizer = AdamW([g for g in groups if g["params"]], lr=learning_rate)
+    return optimizer, LambdaLR(optimizer, linear_schedule(steps, warmup))
+
+
+def single(loss_of_step: Callable[[int], torch.Tensor]) -> Objective:
+    """The objective of ordinary training: one loss, one backward pass per step."""
+    return lambda step: [lambda: loss_of_step(step)]
+
+
+def train(model: nn.Module, objective: Objective, optimizer: Optimizer, scheduler: LambdaLR | None, steps: int,
+          start: int = 0, callbacks: Sequence[Callback] = (), max_grad_norm: float | None = 1.0,
+          no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[float]:
+    """Run updates ``start`` .. ``steps - 1``; returns the mean loss of each.
+
+    ``no_sync`` (DDP's) wraps every backward pass of a step but the last, so gradients
+    of several passes are reduced across workers once.
+    """
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    losses: list[float] = []
+    model.train()
+    for callback in callbacks:
+        callback.on_start(start)
+    try:
+        for step in range(start, steps):
+            for callback in callbacks:
+                callback.on_step_start(step)
+            optimizer.zero_grad(set_to_none=True)
+            passes = objective(step)
+            values = []
+            for index, compute in enumerate(passes):
+                last = index == len(passes) - 1
+                with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                    loss = compute()
+                    if not torch.isfinite(loss):
+                        raise RaysparseError(f"training: the loss became {float(loss.detach())} at step {step + 1} "
+                                             "(expected a finite number; lower the learning rate?)")
+                    values.append(float(loss.detach()))
+                    total = loss / len(passes)
+                    if index == 0:
+                        for callback in callbacks:
+                            extra = callback.extra_loss(step)
+                            if extra is not None:
+                                total = total + extra
+                    total.backward()
+                for callback in callbacks:
+                    callback.after_backward(step)
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(sum(values) / len(values))
+            for callback in callbacks:
+                callback.on_step_end(step + 1, losses[-1])
+    finally:
+        for callback in callbacks:
+            callback.on_end()
+    return losses
+
+
+class Progress(Callback):
+    """Console lines with step counts, loss and ETA, every ``every`` steps (rank 0 only)."""
+
+    def __init__(self, stage: str, total: int, enabled: bool = True, every: int = 10,
+                 extra: Callable[[int], str] | None = None):
+        self.stage, self.total, self.enabled, self.every, self.extra = stage, total, enabled, every, extra
+        self.started, self.first = time.time(), 0
+
+    def on_start(self, step: int) -> None:
+        self.started, self.first = time.time(), step
+
+    def on_step_end(self, step: int, loss: float) -> None:
+        if not self.enabled or (step % self.every and step != self.total):
+            return
+        eta = (time.time() - self.started) / max(step - self.first, 1) * (self.total - step)
+        extra = f"  {self.extra(step)}" if self.extra else ""
+        print(f"[{self.stage}] step {step}/{self.total}  loss {loss:.4f}  eta {eta:.0f}s{extra}", flush=True)
+
+
+class SeededSteps(Callback):
+    """Seeds torch's generator at every step from (``seed``, step): dropout depends on the step
+    index alone, so a stage resumed at step s draws what an uninterrupted one draws."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_step_start(self, step: int) -> None:
+        torch.manual_seed(self.seed * 1_000_003 + step)
+
+
+class Every(Callback):
+    """Calls ``action(step, loss)`` every ``every`` steps (and, with ``last``, after the final one)."""
+
+    def __init__(self, every: int, action: Callable[[int, float], None], total: int | None = None):
+        self.every, self.action, self.total = max(1, every), action, total
+
+    def on_step_end(self, step: int, loss: float) -> None:
+        if step % self.every == 0 or step == self.total:
+            self.action(step, loss)
+
+
+__all__ = ["Callback", "Every", "Objective", "Progress", "SeededSteps", "linear_schedule", "make_optimizer", "single", "train"]

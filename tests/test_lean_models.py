@@ -1,0 +1,69 @@
+"""Lean model folders: tensors identical to the base model stay out, load_model fills them back in,
+a missing or different base fails in one line, `raysparse export` writes the self-contained form."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import raysparse
+from raysparse.errors import RaysparseError
+from raysparse.models.lean import save_lean
+from raysparse.structure import Mask, save_pruned, shrink
+from raysparse.structure.checkpoint import WEIGHTS, read_sidecar
+from raysparse.training.batches import build_task_model
+
+
+def pruned_task_model(base_dir):
+    model = build_task_model(raysparse.load_model(str(base_dir)), "xnli", seed=0)
+    mask = Mask.for_model(model)
+    mask.kept_heads[0, :2] = False
+    mask.kept_neurons[1, ::2] = False
+    return shrink(model, mask).eval()
+
+
+def outputs(model, tokenizer):
+    batch = tokenizer(["The quick brown fox.", "Der schnelle braune Fuchs springt."], padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch)["logits"]
+
+
+def test_lean_folder_round_trip_and_its_base_checks(tiny_model_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    tokenizer = raysparse.load_tokenizer(str(base))
+    model = pruned_task_model(base)
+    lean = save_lean(model, tmp_path / "lean", str(base), tokenizer)
+    full = save_pruned(model, tmp_path / "full", tokenizer)
+    recorded = read_sidecar(lean)["base"]
+    assert "embeddings.word_embeddings.weight" in recorded["tensors"] and recorded["source"] == str(base)
+    assert not any(name.startswith("encoder.encoder.layer.0.attention") for name in recorded["tensors"])  # pruned
+    assert (lean / WEIGHTS).stat().st_size < 0.5 * (full / WEIGHTS).stat().st_size
+
+    again = raysparse.load_model(str(lean))
+    torch.testing.assert_close(outputs(again, tokenizer), outputs(model, tokenizer), atol=0, rtol=0)
+    assert sorted(again.state_dict()) == sorted(model.state_dict())
+
+    shipped = tmp_path / "shipped"
+    proc = subprocess.run([sys.executable, "-m", "raysparse.cli", "export", str(lean), "--out", str(shipped)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "base" not in read_sidecar(shipped)
+    proc = subprocess.run([sys.executable, "-m", "raysparse.cli", "export", str(lean), "--out", str(lean / "x")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "would overwrite the input" in proc.stderr
+
+    changed = raysparse.load_model(str(base))
+    with torch.no_grad():
+        changed.embeddings.word_embeddings.weight[3] += 1
+    save_pruned(changed, base, tokenizer)
+    with pytest.raises(RaysparseError, match="saved against another version of its base model"):
+        raysparse.load_model(str(lean))
+    shutil.rmtree(base)
+    with pytest.raises(RaysparseError, match="which cannot be loaded here"):
+        raysparse.load_model(str(lean))
+    exported = raysparse.load_model(str(shipped))   # the self-contained form needs no base
+    torch.testing.assert_close(outputs(exported, tokenizer), outputs(model, tokenizer), atol=0, rtol=0)

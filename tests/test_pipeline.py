@@ -1,0 +1,193 @@
+"""The execution layer: every registered algorithm through the one pipeline, training at the kept
+size, per-language masks inside their union, and exact resume across the change of shape.
+
+All in-process on the tiny encoder (``LocalSession``): the same stages Ray Train workers run."""
+
+import copy
+
+import pytest
+import torch
+
+import raysparse
+from raysparse.errors import RaysparseError
+from raysparse.pruning import ALGORITHMS
+from raysparse.runner import as_spec, preflight, run_in_process
+from raysparse.structure import apply_mask, encoder_sparsity_of, params_per_neuron, shrink, structure_of
+from raysparse.training.loop import Callback
+from raysparse.training.pipeline import build_pipeline
+from raysparse.training.session import LocalSession
+from raysparse.training.worker import union_of
+
+HIDDEN, HEAD_DIM, LAYERS, HEADS, FFN = 32, 8, 2, 4, 64
+TOTAL = LAYERS * (HEADS * (4 * HIDDEN * HEAD_DIM + 3 * HEAD_DIM) + FFN * params_per_neuron(HIDDEN))
+
+
+def tiny_spec(model_dir, name="pipeline", **pruning):
+    return {"name": name, "model": {"source": str(model_dir)},
+            "data": {"task": "xnli", "languages": ["en", "de"], "max_train_examples": 32, "max_eval_examples": 16,
+                     "max_length": 32},
+            "finetune": {"steps": 4, "batch_size": 8, "learning_rate": 1e-3},
+            "pruning": {"algorithm": "gradient", "sparsity": 0.4, "scoring_examples": 16, **pruning},
+            "recovery": {"steps": 4, "learning_rate": 1e-3},
+            "efficiency": {"latency": False},
+            "resources": {"checkpoint_every": 1},
+            "tracking": {"log_models": "none"}}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,options", [*[(name, {}) for name in sorted(ALGORITHMS)],
+                                          ("layerdrop", {"by": "gradient"})])
+def test_every_registered_algorithm_runs_the_pipeline(name, options, tiny_model_dir):
+    """Finite scores for what is kept, the exact target sparsity, the model trained and left at the
+    kept size, and the shrunk model computing what the mask computes on the dense one."""
+    target = 0.4
+    pipeline = run_in_process(tiny_spec(tiny_model_dir, f"contract-{name}", algorithm=name, sparsity=target,
+                                        options=options))
+    mask, scores = pipeline.state.masks["shared"], pipeline.state.scores["shared"]
+    assert torch.isfinite(scores.heads[mask.effective_heads()]).all()
+    assert torch.isfinite(scores.neurons[mask.effective_neurons()]).all()
+    sparsity = encoder_sparsity_of(mask, HIDDEN, HEAD_DIM)
+    if name == "layerdrop":   # whole layers: the nearest multiple of 1/LAYERS
+        assert sparsity == pytest.approx(round(target * LAYERS) / LAYERS, abs=1e-12)
+    else:
+        assert sparsity == pytest.approx(target, abs=params_per_neuron(HIDDEN) / 2 / TOTAL)
+    assert pipeline.state.metrics["encoder_sparsity"] == pytest.approx(sparsity)
+    kept = structure_of(pipeline.model.encoder).to_mask()   # recovery trained (and left) the kept size
+    assert kept.kept_heads.equal(mask.effective_heads()) and kept.kept_neurons.equal(mask.effective_neurons())
+    assert kept.kept_layers.equal(mask.kept_layers)
+    assert pipeline.state.metrics["cost/recover/wall_s"] > 0
+
+    dense = raysparse.load_model(str(tiny_model_dir)).eval()
+    tokenizer = raysparse.load_tokenizer(str(tiny_model_dir))
+    batch = tokenizer(["The quick brown fox.", "Der schnelle braune Fuchs springt."], padding=True, return_tensors="pt")
+    with torch.no_grad(), apply_mask(dense, mask):
+        masked = dense(**batch).last_hidden_state
+    with torch.no_grad():
+        shrunk = shrink(copy.deepcopy(dense), mask)(**batch).last_hidden_state
+    torch.testing.assert_close(shrunk, masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.timeout(300)
+def test_per_language_masks_train_inside_their_union(tiny_model_dir):
+    pipeline = run_in_process(tiny_spec(tiny_model_dir, "per-language", setting="per-language"))
+    masks = pipeline.state.masks
+    assert sorted(masks) == ["de", "en"]
+    kept = structure_of(pipeline.model.encoder).to_mask()
+    union = union_of(masks.values())
+    assert kept.kept_heads.equal(union.effective_heads()) and kept.kept_neurons.equal(union.effective_neurons())
+    for language in ("en", "de"):
+        assert f"xnli/{language}/accuracy" in pipeline.state.metrics
+
+
+class Interrupt(Callback):
+    """Kills the stage it observes after ``after`` steps (as a killed worker would stop)."""
+
+    class Killed(Exception):
+        pass
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def on_step_end(self, step, loss):
+        if step == self.after:
+            raise self.Killed
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("setting", ["shared", "per-language"])
+def test_resume_mid_recovery_rebuilds_the_shrunk_shape(setting, tiny_model_dir, tmp_path):
+    """A run stopped in the middle of recovery resumes from its checkpoint (a shrunk model) and ends
+    exactly where an uninterrupted run ends."""
+    spec = as_spec(tiny_spec(tiny_model_dir, f"resume-{setting}", setting=setting))
+    languages = preflight(spec)
+    straight = build_pipeline(spec, languages, LocalSession())
+    straight.execute()
+
+    first = build_pipeline(spec, languages, LocalSession(tmp_path / "ckpt"))
+    first.finetune(), first.prune()
+    first.observers.append(Interrupt(after=2))
+    with pytest.raises(Interrupt.Killed):
+        first.recover()
+    resumed = build_pipeline(spec, languages, LocalSession(tmp_path / "ckpt"))
+    assert (resumed.state.stage, resumed.state.step, resumed.state.metrics["resumes"]) == ("recover", 2, 1)
+    assert structure_of(resumed.model.encoder) == structure_of(first.model.encoder)
+    resumed.execute()
+    for key, value in straight.state.metrics.items():
+        if key.startswith("xnli/"):
+            assert resumed.state.metrics[key] == pytest.approx(value, abs=1e-6), key
+    for (name, a), (_, b) in zip(sorted(straight.model.state_dict().items()), sorted(resumed.model.state_dict().items())):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert sorted(straight.model.state_dict()) == sorted(resumed.model.state_dict())
+
+
+def test_a_non_finite_loss_stops_any_stage_in_one_line(tiny_model_dir):
+    spec = tiny_spec(tiny_model_dir, "nan")
+    spec["finetune"]["learning_rate"] = 1e30
+    with pytest.raises(RaysparseError, match="training: the loss became"):
+        run_in_process(spec)
+
+
+# --- fine-tune once, prune many ------------------------------------------------------------------------------
+@pytest.mark.timeout(600)
+def test_the_fine_tuned_model_is_computed_once_and_reused(tiny_model_dir, tmp_path):
+    """Runs that differ only in pruning choices share one fine-tuning; a hit gives the metrics a fresh
+    fine-tuning gives, and a corrupt entry is recomputed, never used."""
+    def spec(name, cache=True, **pruning):
+        data = tiny_spec(tiny_model_dir, name, **pruning)
+        data["storage"] = str(tmp_path / "runs")
+        data["finetune"]["cache"] = cache
+        return data
+
+    first = run_in_process(spec("first", sparsity=0.3))
+    second = run_in_process(spec("second", sparsity=0.3, algorithm="magnitude"))
+    fresh = run_in_process(spec("fresh", cache=False, sparsity=0.3, algorithm="magnitude"))
+    assert (first.state.metrics["cache/finetune/hit"], second.state.metrics["cache/finetune/hit"]) == (0.0, 1.0)
+    assert "cache/finetune/hit" not in fresh.state.metrics
+    for key, value in fresh.state.metrics.items():
+        if key.startswith("xnli/"):
+            assert second.state.metrics[key] == pytest.approx(value, abs=1e-6), key
+
+    entries = list((tmp_path / "runs" / "cache" / "finetune").glob("*/model.safetensors"))
+    assert len(entries) == 1
+    entries[0].write_bytes(entries[0].read_bytes()[:-16])   # truncated: the digest no longer matches
+    third = run_in_process(spec("third", sparsity=0.5))
+    assert third.state.metrics["cache/finetune/hit"] == 0.0
+    other = run_in_process({**spec("other-seed", sparsity=0.3), "seed": 1})
+    assert other.state.metrics["cache/finetune/hit"] == 0.0   # the seed is part of the key
+
+
+def _compute_once(root, counter, results):
+    import time
+
+    from raysparse.training.stage_cache import StageCache
+
+    cache = StageCache(root, poll=0.05)
+    record = cache.acquire("finetune", "k")
+    if record is None:
+        with open(counter, "a") as handle:
+            handle.write("x")
+        time.sleep(1.0)
+
+        def write(folder):
+            (folder / "model.safetensors").write_bytes(b"weights")
+
+        record = cache.put("finetune", "k", write, {"run_id": "me"})
+        cache.release("finetune", "k")
+    results.put(record["sha256"])
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_runs_needing_one_missing_key_compute_it_once(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_compute_once, args=(tmp_path / "cache", tmp_path / "count", results))
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert (tmp_path / "count").read_text() == "x"
+    assert len({results.get(timeout=5) for _ in workers}) == 1
+    assert not (tmp_path / "cache" / "finetune" / "k.lock").exists()
