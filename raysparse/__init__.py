@@ -22,7 +22,7 @@ def export_model(folder: str, out: str):
     from raysparse.paths import check_output
 
     check_output(out, folder)
-    return export(folder, out, tokenizer=_load_tokenizer(folder))
+    return export(folder, out, tokenizer=_load_tokenizer(folder), load=load_model)
 
 
 def load_tokenizer(source: str = "embedded", trust_remote_code: bool = False):

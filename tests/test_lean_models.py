@@ -36,7 +36,7 @@ def test_lean_folder_round_trip_and_its_base_checks(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, base)
     tokenizer = raysparse.load_tokenizer(str(base))
     model = pruned_task_model(base)
-    lean = save_lean(model, tmp_path / "lean", str(base), tokenizer)
+    lean = save_lean(model, tmp_path / "lean", str(base), tokenizer, load=raysparse.load_model)
     full = save_pruned(model, tmp_path / "full", tokenizer)
     recorded = read_sidecar(lean)["base"]
     assert "embeddings.word_embeddings.weight" in recorded["tensors"] and recorded["source"] == str(base)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,12 +47,11 @@ def digest(state: dict[str, torch.Tensor], names: list[str]) -> str:
 
 
 def save_lean(model: nn.Module, directory: str | Path, base_source: str, tokenizer=None,
-              extra: dict | None = None) -> Path:
-    """:func:`save_pruned` without the tensors identical to ``base_source``'s (same name, shape, values)."""
-    from raysparse.models.sources import load_encoder
-
+              extra: dict | None = None, *, load: Callable[[str], nn.Module]) -> Path:
+    """:func:`save_pruned` without the tensors identical to ``base_source``'s (same name, shape, values);
+    ``load(source)`` loads the base (``raysparse.load_model``)."""
     directory = save_pruned(model, directory, tokenizer=tokenizer, extra=extra)
-    base = load_encoder(base_source).state_dict()
+    base = load(base_source).state_dict()
     prefix = encoder_prefix(model)
     weights = directory / WEIGHTS
     state = load_file(str(weights))
@@ -68,16 +68,15 @@ def save_lean(model: nn.Module, directory: str | Path, base_source: str, tokeniz
     return directory
 
 
-def materialize(directory: str | Path, model_class=None) -> nn.Module:
-    """Load a folder written by :func:`save_lean` (or a self-contained one), filling in the base's tensors."""
-    from raysparse.models.sources import load_encoder
-
+def materialize(directory: str | Path, model_class=None, *, load: Callable[[str], nn.Module]) -> nn.Module:
+    """Load a folder written by :func:`save_lean` (or a self-contained one), filling in the base's tensors
+    (``load(source)`` loads the base)."""
     sidecar = read_sidecar(directory)
     base = sidecar.get(BASE)
     if not base:
         return load_pruned(directory, model_class=model_class)
     try:
-        state = load_encoder(base["source"]).state_dict()
+        state = load(base["source"]).state_dict()
     except RaysparseError as exc:
         raise RaysparseError(f"model: {directory} leaves out {len(base['tensors'])} tensors of its base model "
                              f"{base['source']!r}, which cannot be loaded here ({exc}); export it where the base "
@@ -91,9 +90,9 @@ def materialize(directory: str | Path, model_class=None) -> nn.Module:
                        base_state={base["prefix"] + name: state[name] for name in base["tensors"]})
 
 
-def export(directory: str | Path, out: str | Path, tokenizer=None) -> Path:
+def export(directory: str | Path, out: str | Path, tokenizer=None, *, load: Callable[[str], nn.Module]) -> Path:
     """The self-contained form of a (lean) model folder, for shipping."""
-    model = materialize(directory)
+    model = materialize(directory, load=load)
     return save_pruned(model, out, tokenizer=tokenizer, extra=read_sidecar(directory).get("extra"))
 
 

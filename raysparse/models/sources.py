@@ -92,7 +92,7 @@ def load_encoder(source: str = EMBEDDED, model_class=None, trust_remote_code: bo
     if Path(location).is_dir() and is_pruned_checkpoint(location):
         from raysparse.models.lean import materialize
 
-        return materialize(location, model_class=model_class)   # a lean folder gets its base's tensors back
+        return materialize(location, model_class=model_class, load=load_encoder)   # a lean folder: base tensors back
     check_architecture(location, trust_remote_code)
     from transformers import AutoModel
 

@@ -142,8 +142,10 @@ def finalize(run) -> dict:
             extra = {"mask": key, "task": run.task.name, "run": spec.name}
             if spec.tracking.lean_models:   # what the base model holds stays out (82% of e5-small)
                 from raysparse.models.lean import save_lean
+                from raysparse.models.sources import load_encoder
 
-                model_dir = save_lean(shrunk[key], folder / "model" / key, spec.model.source, tokenizer, extra)
+                model_dir = save_lean(shrunk[key], folder / "model" / key, spec.model.source, tokenizer, extra,
+                                      load=load_encoder)
             else:
                 model_dir = save_pruned(shrunk[key], folder / "model" / key, tokenizer=tokenizer, extra=extra)
             log.artifact(model_dir, f"model/{key}")
