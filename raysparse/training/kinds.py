@@ -13,15 +13,16 @@ torch side of the two there are:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from raysparse.data.tasks import Task, get_task
 from raysparse.training.batches import PaddingCollator
 
-if TYPE_CHECKING:
-    from raysparse.training.taskdata import TaskData
+# ``data`` below is a raysparse.training.taskdata.TaskData (which imports this module): it is read for its
+# tokenizer, sequence length and retrieval prompt only, so it is typed structurally here.
+TaskData = Any
 
 
 class Objective:
