@@ -1,8 +1,9 @@
 """raysparse: Ray-distributed search for structured pruning of multilingual encoders.
 
-The public Python API; the CLI and notebooks call these, never the reverse. Besides the functions
-defined here, the names in ``_LAZY`` (specs, runs, search, reports, studies, Dynamic Sparsification)
-are imported from their modules when first used.
+The public Python API; the CLI and notebooks call these and nothing below them, never the reverse
+(``.importlinter`` holds the CLI to it). Besides the functions defined here, the names in ``_LAZY``
+(specs, runs, evaluation, benchmarks, search, reports, studies, Dynamic Sparsification, jobs, the
+cluster and the MLflow server) are imported from their modules when first used.
 """
 
 __version__ = "0.1.0"
@@ -46,12 +47,15 @@ def run(spec, address: str | None = None, verbose: bool = True):
 
 
 # The rest of the public API, imported when first used (``raysparse.run_search(...)``, ...), so that
-# ``import raysparse`` stays cheap. The CLI's commands and the notebooks call these.
+# ``import raysparse`` stays cheap. The CLI's commands and the notebooks call these and nothing else.
 _LAZY = {
-    # specs and runs
+    "RaysparseError": "raysparse.errors",
+    # models, specs and runs
+    "embedded_model_dir": "raysparse.models.embedded",
     "RunSpec": "raysparse.config", "load_spec": "raysparse.config",
     "run_in_process": "raysparse.runner", "prune_spec": "raysparse.standalone",
-    "evaluate": "raysparse.training.evaluate",
+    "evaluate": "raysparse.training.evaluate", "evaluate_model": "raysparse.training.evaluate",
+    "bench_models": "raysparse.efficiency.report",
     # search, reports and studies
     "SearchSpec": "raysparse.search.spec", "run_search": "raysparse.search.driver:search",
     "load_search": "raysparse.search.report", "load_runs": "raysparse.search.report",
@@ -61,6 +65,10 @@ _LAZY = {
     "study": "raysparse.search.study", "study_plots": "raysparse.search.study_plots",
     # Dynamic Sparsification
     "shrink_checkpoint": "raysparse.dynamic", "compare_with_separate_runs": "raysparse.dynamic",
+    # clusters, Ray jobs and the MLflow server
+    "serve_cluster": "raysparse.cluster:serve", "submit_job": "raysparse.jobs:submit", "check_spec": "raysparse.jobs",
+    "tracking_server": "raysparse.tracking.server:ensure_server",
+    "tracking_root": "raysparse.tracking.server:default_root",
 }
 _MODULES = {"study", "study_plots"}
 

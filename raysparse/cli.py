@@ -1,4 +1,8 @@
-"""`raysparse` command line: thin front ends over the Python API."""
+"""`raysparse` command line: thin front ends over the public Python API.
+
+Every command calls ``raysparse.<name>`` and nothing below it (``.importlinter`` checks), so what the CLI can
+do, a notebook can too. Names resolve when a command runs, so ``raysparse --help`` imports nothing heavy.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from raysparse.errors import RaysparseError
+import raysparse
+from raysparse import RaysparseError
 
 
 def _languages(value: str | None) -> list[str] | None:
@@ -22,25 +27,22 @@ def _languages(value: str | None) -> list[str] | None:
 
 
 def cmd_fetch_model(args) -> None:
-    from raysparse.models.embedded import embedded_model_dir
-
-    print(embedded_model_dir())
+    print(raysparse.embedded_model_dir())
 
 
 def cmd_prune(args) -> None:
-    from raysparse.standalone import prune, prune_spec
-
     options = dict(languages=_languages(args.languages), scoring_pairs=args.scoring_pairs, batch_size=args.batch_size,
                    steps=args.steps, scope=args.scope, normalize=args.normalize, round_to=args.round_to,
                    recover_steps=args.recover_steps, learning_rate=args.lr, eval_pairs=args.eval_pairs,
-                   seed=args.seed, sequence_length=args.seq_len, data_dir=args.data_dir, latency=not args.no_latency)
+                   seed=args.seed, sequence_length=args.seq_len, data_dir=args.data_dir, latency=not args.no_latency,
+                   tune_masks=args.tune_masks)
     if args.print_spec:   # the run spec these flags make: `raysparse run` it to execute it on Ray, tracked
         import yaml
 
-        spec = prune_spec(args.model, args.sparsity, args.algorithm, **options)
+        spec = raysparse.prune_spec(args.model, args.sparsity, args.algorithm, **options)
         print(yaml.safe_dump(spec.model_dump(exclude_defaults=True), sort_keys=False), end="")
         return
-    result = prune(args.model, args.sparsity, args.algorithm, out=args.out, **options)
+    result = raysparse.prune(args.model, args.sparsity, args.algorithm, out=args.out, **options)
     print()
     print(result.table())
     if result.quality:
@@ -53,60 +55,36 @@ def cmd_prune(args) -> None:
 def cmd_evaluate(args) -> None:
     from transformers.utils import logging as transformers_logging
 
-    from raysparse.data.load import available_splits
-    from raysparse.data.tasks import get_task
-    from raysparse.models.sources import load_encoder, load_tokenizer
-    from raysparse.paths import data_dir
-    from raysparse.training.evaluate import check_head, evaluate
-
-    task = get_task(args.task)
-    for language in _languages(args.languages) or []:  # bad data input fails before the model loads
-        available_splits(task, language, args.data_dir)
-    data_dir(args.data_dir)
     transformers_logging.disable_progress_bar()  # errors stay one line; evaluate prints its own progress
-    model = load_encoder(args.model)
-    check_head(model, task)
-    result = evaluate(model, load_tokenizer(args.tokenizer or args.model), task, _languages(args.languages),
-                      data_dir=args.data_dir, max_examples=args.max_examples, batch_size=args.batch_size,
-                      seed=args.seed, train_fraction=args.train_fraction)
+    result = raysparse.evaluate_model(args.model, args.task, _languages(args.languages), tokenizer=args.tokenizer,
+                                      data_dir=args.data_dir, max_examples=args.max_examples,
+                                      batch_size=args.batch_size, seed=args.seed, train_fraction=args.train_fraction)
     print()
     print(result.table())
 
 
 def _spec(args, model_cls=None):
     """The spec file with its named budget and ``--set`` overrides applied, validated."""
-    from raysparse.config import RunSpec, load_spec
-
-    return load_spec(args.spec, model_cls or RunSpec, budget=args.budget, overrides=args.set or [])
+    return raysparse.load_spec(args.spec, model_cls or raysparse.RunSpec, budget=args.budget,
+                               overrides=args.set or [])
 
 
 def cmd_run(args) -> None:
     spec = _spec(args)
     if args.compare:
-        from raysparse.dynamic import compare_with_separate_runs
-
-        comparison = compare_with_separate_runs(spec, address=args.address)
+        comparison = raysparse.compare_with_separate_runs(spec, address=args.address)
         if args.plot:
             comparison.plot(args.plot)
             print(f"wrote {args.plot}")
         return
-    from raysparse.runner import run
-
-    run(spec, address=args.address)
+    raysparse.run(spec, address=args.address)
 
 
 def cmd_shrink(args) -> None:
-    from raysparse.dynamic import shrink_checkpoint
-    from raysparse.paths import check_output
-
-    check_output(args.out, args.model)   # slicing into the checkpoint itself would lose every larger size
-
-    print(shrink_checkpoint(args.model, args.sparsity, args.out, match_sparsity=args.match_sparsity).table())
+    print(raysparse.shrink_checkpoint(args.model, args.sparsity, args.out, match_sparsity=args.match_sparsity).table())
 
 
 def cmd_export(args) -> None:
-    import raysparse
-
     out = raysparse.export_model(args.model, args.out)
     print(f"wrote the self-contained model to {out} (load with raysparse.load_model('{out}'))")
 
@@ -119,15 +97,10 @@ def _integers(value: str, field: str) -> list[int]:
 
 
 def cmd_bench(args) -> None:
-    from raysparse.efficiency.report import bench, check_settings, default_devices, model_labels
-    from raysparse.models.sources import load_encoder
-
-    batch_sizes = _integers(args.batch_sizes, "bench.batch_sizes")
-    devices = default_devices() if args.devices == "auto" else [d.strip() for d in args.devices.split(",") if d.strip()]
-    check_settings(batch_sizes, args.seq_len, args.repeats, args.warmup, args.threads, devices)  # before loading
-    models = {label: load_encoder(source) for label, source in zip(model_labels(args.models), args.models)}
-    report = bench(models, batch_sizes, args.seq_len, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                   devices=devices, memory=not args.no_memory)
+    devices = None if args.devices == "auto" else [d.strip() for d in args.devices.split(",") if d.strip()]
+    report = raysparse.bench_models(args.models, _integers(args.batch_sizes, "bench.batch_sizes"), args.seq_len,
+                                    warmup=args.warmup, repeats=args.repeats, threads=args.threads, devices=devices,
+                                    memory=not args.no_memory)
     print(report.table())
     if args.csv:
         print(f"\nwrote {report.to_csv(args.csv)}")
@@ -138,19 +111,15 @@ def cmd_bench(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from raysparse.search import SearchSpec, search
-
-    search(_spec(args, SearchSpec), resume=args.resume, address=args.address)
+    raysparse.run_search(_spec(args, raysparse.SearchSpec), resume=args.resume, address=args.address)
 
 
 def cmd_report(args) -> None:
-    from raysparse.search.report import load_runs, load_search, write_report
-
     if (args.search is None) == (args.runs is None):
         raise RaysparseError("report: expected a search name (read from MLflow) or --runs FILE (a stored run set), "
                              "exactly one of the two")
-    report = load_runs(args.runs) if args.runs else load_search(args.search, args.tracking_uri)
-    written = write_report(report, args.out or f"reports/{report.name}")
+    report = raysparse.load_runs(args.runs) if args.runs else raysparse.load_search(args.search, args.tracking_uri)
+    written = raysparse.write_report(report, args.out or f"reports/{report.name}")
     print(f"search {report.name}: {len(report.rows)} finished trials\n")
     if "report" in written:
         print(written["report"].read_text())
@@ -160,13 +129,11 @@ def cmd_report(args) -> None:
 
 
 def cmd_submit(args) -> None:
-    from raysparse.jobs import submit
-
     env = dict(_key_value(item) for item in args.env)
-    outcome = submit(args.spec, address=args.address, working_dir=args.working_dir, kind=args.kind,
-                     runtime_env=args.runtime_env, tracking_uri=args.tracking_uri, storage=args.storage, env=env,
-                     resume=args.resume, budget=args.budget, overrides=args.set or [], follow=not args.no_wait,
-                     submission_id=args.job_id)
+    outcome = raysparse.submit_job(args.spec, address=args.address, working_dir=args.working_dir, kind=args.kind,
+                                   runtime_env=args.runtime_env, tracking_uri=args.tracking_uri, storage=args.storage,
+                                   env=env, resume=args.resume, budget=args.budget, overrides=args.set or [],
+                                   follow=not args.no_wait, submission_id=args.job_id)
     print(f"job {outcome.job_id}: {outcome.status}" + (f" ({outcome.message})" if outcome.message else ""))
     if outcome.status not in ("SUCCEEDED", "PENDING", "RUNNING"):
         raise RaysparseError(f"job {outcome.job_id} {outcome.status.lower()}: see `ray job logs {outcome.job_id}`")
@@ -180,16 +147,12 @@ def _key_value(item: str) -> tuple[str, str]:
 
 
 def cmd_cluster(args) -> None:
-    from raysparse.cluster import serve
-
-    serve(args.spec)
+    raysparse.serve_cluster(args.spec)
 
 
 def cmd_ui(args) -> None:
-    from raysparse.tracking.server import default_root, running_server, start_server
-
-    uri = running_server() or start_server(host=args.host, port=args.port)
-    print(f"MLflow UI: {uri}   (server data in {default_root()}; it keeps running in the background)")
+    uri = raysparse.tracking_server(host=args.host, port=args.port)
+    print(f"MLflow UI: {uri}   (server data in {raysparse.tracking_root()}; it keeps running in the background)")
 
 
 def _override_arguments(p: argparse.ArgumentParser) -> None:
@@ -225,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="XTREME data folder (default: $RAYSPARSE_DATA)")
     p.add_argument("--out", default=None, help="folder to save the shrunk model in")
     p.add_argument("--no-latency", action="store_true", help="skip timing the dense and pruned models")
+    p.add_argument("--tune-masks", action="store_true",
+                   help="rescale the kept units by least squares after the shrink, no training (pruning.mask_tuning)")
     p.add_argument("--print-spec", action="store_true",
                    help="print the run spec these flags make (for `raysparse run`) and exit")
 
@@ -312,8 +277,6 @@ COMMANDS = {"submit": cmd_submit, "cluster": cmd_cluster, "ui": cmd_ui, "report"
 def check_entrypoint(entrypoint: str, root: str | Path = ".") -> tuple[str, Path | None]:
     """(command, spec path) of a job's ``raysparse COMMAND [SPEC] ...``; the command and its options
     must parse with this CLI, and a run/search spec must exist under ``root`` and validate."""
-    from raysparse.jobs import check_spec
-
     words = shlex.split(entrypoint)
     if words[:3] == ["python", "-m", "raysparse.cli"]:
         words = ["raysparse", *words[3:]]
@@ -327,7 +290,7 @@ def check_entrypoint(entrypoint: str, root: str | Path = ".") -> tuple[str, Path
     if args.command not in ("run", "search"):
         return args.command, None
     spec = Path(root) / args.spec
-    check_spec(spec, args.command, args.budget, args.set or [])
+    raysparse.check_spec(spec, args.command, args.budget, args.set or [])
     return args.command, spec
 
 

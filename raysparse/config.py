@@ -60,6 +60,24 @@ class DistillationConfig(Strict):
     alpha: float = Field(0.5, ge=0, le=1)       # weight of the distillation loss
     hidden: bool = False                        # also match hidden states (MSE)
     hidden_weight: float = Field(1.0, ge=0)
+    # keep the teacher's soft targets on the recovery batches in the stage cache (needs hidden: false,
+    # one worker and local storage): every later trial with the same teacher and batches skips the teacher
+    cache_targets: bool = True
+    # the teacher's forward passes in bfloat16 (autocast): about half their time on CPUs with AMX
+    # and on recent GPUs; its outputs are read as float32
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class MaskTuningConfig(Strict):
+    """Kwon et al. 2022's mask tuning, after every shrink: each kept head and FFN neuron gets one scale,
+    fitted by least squares so every layer's sub-blocks reproduce the dense model's outputs on
+    ``examples`` unlabelled scoring rows, and folded into the output projections (no training).
+    One scale per unit fits one network: shared masks, a model shrunk to them, no dynamic schedule."""
+
+    enabled: bool = False
+    examples: int = Field(128, ge=1)            # calibration rows of the scoring pool (a translation pair: 2 sentences)
+    damping: float = Field(0.01, ge=0)          # ridge toward scale 1, relative to the mean diagonal of the Gram
+    max_scale: float = Field(10.0, gt=0)        # a sub-block whose scales leave [-max, max] keeps scale 1
 
 
 class PruningConfig(Strict):
@@ -75,6 +93,7 @@ class PruningConfig(Strict):
     scoring_languages: list[str] | None = Field(None, min_length=1)   # default: the evaluation languages
     drop_layers: int = Field(0, ge=0)
     options: dict[str, Any] = Field(default_factory=dict)   # the algorithm's own (typed by it, e.g. L0's lr)
+    mask_tuning: MaskTuningConfig = Field(default_factory=MaskTuningConfig)   # rescale kept units, no training
 
     @field_validator("sparsity")
     @classmethod
@@ -144,6 +163,9 @@ class RecoveryConfig(Strict):
     # Train the physically shrunk model (a step costs what the kept model costs); false keeps the
     # full-size model under gates, as before (1.6x a dense step at 50% sparsity), for comparison.
     shrink: bool = True
+    # Evaluate every N recovery steps (0: only at the end): quality curves over recovery in MLflow,
+    # and the resource ASHA stops weak search trials on (`scheduler.type: asha` sets it).
+    evaluate_every: int = Field(0, ge=0)
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
 
 
@@ -193,7 +215,7 @@ class EfficiencyConfig(Strict):
 class ResourcesConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)     # steps between checkpoints (plus every stage boundary)
     max_failures: int = Field(2, ge=0)
 
@@ -252,6 +274,22 @@ class RunSpec(Strict):
             if self.pruning.algorithm == "layerdrop" or self.pruning.drop_layers:
                 raise ValueError("pruning.algorithm: the dynamic schedule orders heads and neurons, not layers "
                                  "(expected a head/neuron algorithm and drop_layers 0)")
+        return self
+
+    @model_validator(mode="after")
+    def _mask_tuning_fits(self) -> "RunSpec":
+        """One scale per kept unit, folded into weights, serves one network at its kept size."""
+        if not self.pruning.mask_tuning.enabled:
+            return self
+        if self.pruning.schedule == "dynamic":
+            raise ValueError("pruning.mask_tuning: the dynamic schedule's levels share their weights, so no "
+                             "per-level scale fits (expected enabled: false, or another schedule)")
+        if self.pruning.setting != "shared":
+            raise ValueError("pruning.mask_tuning: per-language masks share the weights of their union, so one "
+                             "scale per unit cannot fit each language (expected pruning.setting 'shared')")
+        if not self.recovery.shrink:
+            raise ValueError("pruning.mask_tuning: rescales the physically shrunk model (expected recovery.shrink "
+                             "true)")
         return self
 
 

@@ -291,9 +291,11 @@ class ShrinkResult:
 def shrink_checkpoint(model_dir: str | Path, sparsity: float, out: str | Path,
                       match_sparsity: bool | None = None) -> ShrinkResult:
     """Slice the prefix at ``sparsity`` out of a DS checkpoint and save it (tokenizer included)."""
+    from raysparse.paths import check_output
     from raysparse.structure import load_dynamic, measure, shrink_to
     from raysparse.structure.rewire import save_dynamic
 
+    check_output(out, str(model_dir))   # slicing into the checkpoint itself would lose every larger size
     if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise RaysparseError(f"shrink.sparsity: expected a number in [0, 1), got {sparsity!r}")
     model = load_dynamic(model_dir)

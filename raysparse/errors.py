@@ -19,3 +19,10 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for wrapping library errors in one line."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def last_line(exc: BaseException) -> str:
+    """The last line of an exception's message: for errors that carry a traceback (Ray Tune's, Ray
+    Train's worker failures), the line that says what was raised (``module.Error: message``)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

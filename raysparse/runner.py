@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raysparse.config import RunSpec, load_spec, parse
-from raysparse.errors import RaysparseError, first_line
+from raysparse.errors import RaysparseError, first_line, last_line
 from raysparse.metric_keys import AGGREGATES, metric_key
 from raysparse.tracking.runs import flatten, open_run, spec_key
 
@@ -51,6 +51,7 @@ def as_spec(spec: RunSpec | dict | str | Path) -> RunSpec:
 
 def resolve_languages(spec: RunSpec) -> dict[str, list[str]]:
     """Evaluation, fine-tuning and scoring languages, checked against the data directory."""
+    from raysparse.data.kinds import kind_of
     from raysparse.data.load import languages as present_languages
     from raysparse.data.tasks import get_task
     from raysparse.paths import data_dir
@@ -65,12 +66,13 @@ def resolve_languages(spec: RunSpec) -> dict[str, list[str]]:
     if unknown:
         raise RaysparseError(f"data.languages: {', '.join(unknown)} not available for {task.name} "
                              f"(available: {', '.join(present)})")
-    plan = task.strategy.training_languages(task, present, evaluation, spec.data.regime, spec.data.dir)
+    kind = kind_of(task)
+    plan = kind.training_languages(task, present, evaluation, spec.data.regime, spec.data.dir)
     trainable, finetune = plan.trainable, plan.finetune
     scoring = spec.pruning.scoring_languages or plan.candidates
     missing = [lang for lang in [*scoring, *finetune] if lang not in trainable]
     if missing:
-        source = task.strategy.training_source
+        source = kind.training_source
         raise RaysparseError(f"pruning.scoring_languages: no {source} for {', '.join(sorted(set(missing)))} "
                              f"(available: {', '.join(sorted(trainable))})")
     if not scoring or not finetune:
@@ -80,18 +82,42 @@ def resolve_languages(spec: RunSpec) -> dict[str, list[str]]:
 
 
 def preflight(spec: RunSpec) -> dict[str, list[str]]:
-    """Every check that needs no cluster: data, languages, model source and architecture."""
-    from raysparse.models.sources import check_architecture, resolve_model
+    """Every check that needs no cluster: data files row by row, languages, model folder (sidecar,
+    config, architecture, weights headers) and sequence lengths."""
+    from raysparse.models.sources import check_model, resolve_model
 
     languages = resolve_languages(spec)
+    check_data(spec, languages)
     location = resolve_model(spec.model.source)
-    if not Path(location, "raysparse.json").is_file():
-        check_architecture(location, spec.model.trust_remote_code)
+    check_model(location, spec.model.trust_remote_code)
     check_lengths(spec, location)
     storage = spec.storage or os.environ.get("RAYSPARSE_STORAGE")
     if storage and "://" not in storage and Path(storage).expanduser().exists() and not Path(storage).expanduser().is_dir():
         raise RaysparseError(f"storage: {storage} is a file (expected a folder for checkpoints and the stage cache)")
     return languages
+
+
+def check_data(spec: RunSpec, languages: dict[str, list[str]]) -> None:
+    """Read every data file the run's workers will read, with the readers they use: a malformed row,
+    a Tatoeba pair whose two files differ in length or an unreadable file fails here, in one line that
+    names the file and line, instead of in a worker after the cluster started."""
+    from raysparse.data.layout import find_data_files
+    from raysparse.data.load import read_rows
+    from raysparse.data.tasks import PIVOT_LANGUAGE, get_task
+
+    task = get_task(spec.data.task)
+    training = {*languages["scoring"], *(languages["finetune"] if spec.finetune.steps else [])}
+    wanted = {(task.name, language) for language in languages["evaluation"]}
+    if task.kind == "retrieval":   # trains and scores on XNLI premises paired with English
+        wanted |= {("xnli", language) for language in {*training, PIVOT_LANGUAGE}}
+    else:
+        wanted |= {(task.name, language) for language in training}
+        if task.parallel:   # parallel files are split by the pivot's rows
+            wanted.add((task.name, PIVOT_LANGUAGE))
+    for name in sorted({name for name, _ in wanted}):
+        for found in find_data_files(name, spec.data.dir):
+            if (name, found.language) in wanted:
+                read_rows(found)
 
 
 def check_lengths(spec: RunSpec, location: str) -> None:
@@ -176,6 +202,123 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  _node_ip_address=loopback_node_ip(), runtime_env={"env_vars": env}, **kwargs)
 
 
+CONNECT_TIMEOUT_S = 3.0
+DEFAULT_PORTS = {"": 6379, "ray": 10001, "http": 8265, "https": 443}   # GCS, Ray Client, dashboard
+
+
+def check_address(address: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A cluster named by ``address`` (or RAY_ADDRESS) must answer on its port within ``timeout``
+    seconds, before anything is created for the run (Ray itself retries for half a minute, then
+    fails with pages of logs)."""
+    given = address or os.environ.get("RAY_ADDRESS")
+    if not given or given in ("auto", "local"):
+        return
+    origin = "--address" if address else "RAY_ADDRESS"
+    scheme, sep, rest = given.partition("://")
+    if not sep:
+        scheme, rest = "", given
+    netloc = rest.split("/")[0]
+    host, colon, port = netloc.rpartition(":")
+    if not colon or "]" in port:
+        host, port = netloc, ""
+    host = host.strip("[]")
+    try:
+        number = int(port) if port else DEFAULT_PORTS.get(scheme.lower(), DEFAULT_PORTS[""])
+    except ValueError:
+        raise RaysparseError(f"address: {given!r} (from {origin}) has no valid port (expected host:port, "
+                             "e.g. 127.0.0.1:6379)") from None
+    import socket
+
+    try:
+        socket.create_connection((host, number), timeout=timeout).close()
+        reason = None if scheme or os.environ.get("RAY_USE_TLS") else _gcs_unhealthy(host, number, timeout)
+    except OSError as exc:
+        reason = (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError)
+                  else exc.strerror or str(exc) or type(exc).__name__)
+    if reason:
+        raise RaysparseError(f"address: no Ray cluster answers at {given} (from {origin}): {reason} (expected the "
+                             "address of a running cluster's head, as `ray start --head` or `raysparse cluster` "
+                             "prints it)")
+
+
+def _gcs_unhealthy(host: str, port: int, timeout: float) -> str | None:
+    """None when a Ray GCS at host:port answers gRPC's standard health check as SERVING, else what it did."""
+    import grpc
+
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda raw: raw,
+                                response_deserializer=lambda raw: raw)
+    try:
+        reply = check(b"", timeout=timeout)   # an empty HealthCheckRequest: the whole server
+    except grpc.RpcError as exc:
+        details = (exc.details() or "").strip().splitlines()
+        return f"something listens there, but no Ray GCS ({exc.code().name}{': ' + details[0] if details else ''})"
+    finally:
+        channel.close()
+    return None if reply == b"\x08\x01" else "its GCS is not serving"   # HealthCheckResponse{status: SERVING}
+
+
+def local_capacity() -> dict[str, float]:
+    """CPUs and GPUs a local Ray started here gets (Ray's own count, cgroup limits included)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+    except Exception:   # a Ray without the helper: the CPUs this process may use
+        cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        gpus = float(get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
+    except Exception:
+        gpus = 0.0
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def cluster_capacity() -> dict[str, float]:
+    """CPUs and GPUs of the cluster this driver is connected to."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return {"CPU": float(resources.get("CPU", 0)), "GPU": float(resources.get("GPU", 0))}
+
+
+def check_fits(cpus: float, gpus: float, capacity: dict[str, float], field: str, what: str, where: str) -> None:
+    """Refuse, in one line, work that needs more CPUs or GPUs than ``where`` has: Ray would wait forever."""
+    if cpus > capacity["CPU"]:
+        raise RaysparseError(f"{field}: {what} needs {cpus:g} CPUs but {where} has {capacity['CPU']:g} "
+                             f"(expected at most {capacity['CPU']:g}: fewer workers or CPUs per worker, or a "
+                             "larger cluster with --address)")
+    if gpus > capacity["GPU"]:
+        raise RaysparseError(f"{field}.use_gpu: {what} needs {gpus:g} GPUs but {where} has {capacity['GPU']:g}")
+
+
+def run_needs(resources) -> tuple[float, float]:
+    """(CPUs, GPUs) the TorchTrainer of a run reserves."""
+    return resources.num_workers * resources.cpus_per_worker, float(resources.num_workers if resources.use_gpu else 0)
+
+
+def check_cluster(address: str | None, cpus: float, gpus: float, field: str, what: str) -> dict[str, float] | None:
+    """Before Ray starts: a named cluster answers (a short connect check); without one, the local Ray
+    this driver would start (this machine) can hold ``what``. Returns that local capacity, or None
+    for a named cluster, whose resources are known once connected (:func:`connect_checked`)."""
+    check_address(address)
+    if address or os.environ.get("RAY_ADDRESS"):
+        return None
+    capacity = local_capacity()
+    check_fits(cpus, gpus, capacity, field, what, "this machine (a local Ray)")
+    return capacity
+
+
+def connect_checked(address: str | None, cpus: float, gpus: float, field: str, what: str) -> dict[str, float]:
+    """Connect to the cluster (or start a local Ray), then check that it can hold ``what``."""
+    ensure_ray(address)
+    capacity = cluster_capacity()
+    check_fits(cpus, gpus, capacity, field, what, f"the cluster at {address or os.environ.get('RAY_ADDRESS')}"
+               if address or os.environ.get("RAY_ADDRESS") else "the local Ray")
+    return capacity
+
+
 def trainer_for(spec: RunSpec, languages: dict, tracking_uri: str | None, run_id: str | None, storage: str,
                 run_name: str, callbacks: list | None = None):
     """The TorchTrainer that executes ``spec`` (used by runs and by search trials)."""
@@ -219,9 +362,32 @@ def fit_tracked(trainer, tracking_uri: str, run_id: str, what: str, hint: str = 
         result = trainer.fit()
     except Exception as exc:
         logger.finish("FAILED")
-        raise error(f"{what} failed: {first_line(exc)}{hint}") from exc
+        cause, ours = worker_error(exc)
+        # a raysparse error in a worker (bad data, a diverging loss) fails the same way on a rerun: no hint
+        raise error(f"{what} failed: {cause or first_line(exc)}{'' if ours else hint}") from exc
     logger.finish("FINISHED")
     return result
+
+
+USER_ERROR_PREFIX = f"{RaysparseError.__module__}.{RaysparseError.__name__}: "
+
+
+def worker_error(exc: BaseException) -> tuple[str | None, bool]:
+    """What failed inside Ray Train, in one line: the last line of the first failed worker's traceback
+    (``ray.train.WorkerGroupError.worker_failures``) or of the controller's error (``ControllerError``),
+    and whether it was a :class:`RaysparseError`; (None, False) for any other exception."""
+    failures = getattr(exc, "worker_failures", None)
+    controller = getattr(exc, "controller_failure", None)
+    if failures:
+        rank = min(failures)
+        where, line = f"worker {rank}", last_line(failures[rank])
+        more = f" (and {len(failures) - 1} more worker(s))" if len(failures) > 1 else ""
+    elif controller is not None:
+        where, line, more = "controller", last_line(controller), ""
+    else:
+        return None, False
+    ours = line.startswith(USER_ERROR_PREFIX)
+    return f"{where}: {line[len(USER_ERROR_PREFIX):] if ours else line}{more}", ours
 
 
 def run_in_process(spec: RunSpec | dict | str | Path, checkpoints: str | Path | None = None):
@@ -243,8 +409,15 @@ def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: 
     from raysparse.data.tasks import get_task
     from raysparse.tracking.server import resolve_tracking_uri
 
+    import ray
+
     spec = as_spec(spec)
     languages = preflight(spec)
+    connected = ray.is_initialized()
+    cpus, gpus = run_needs(spec.resources)
+    what = f"a run of {spec.resources.num_workers} workers x {spec.resources.cpus_per_worker:g} CPUs"
+    check_cluster(address, cpus, gpus, "resources", what)   # before Ray starts
+    connect_checked(address, cpus, gpus, "resources", what)   # a named cluster: before the MLflow run
     key = spec_key(spec.model_dump())
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     run_id, resumed = open_run(tracking_uri, spec.tracking.experiment, key, spec.name,
@@ -253,9 +426,13 @@ def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: 
     if verbose:
         print(f"run {spec.name}: {'resuming' if resumed else 'starting'}; MLflow {tracking_uri} run {run_id}; "
               f"storage {storage}", flush=True)
-    ensure_ray(address)
     trainer = trainer_for(spec, languages, tracking_uri, run_id, storage, f"{spec.name}-{key}")
-    result = fit_tracked(trainer, tracking_uri, run_id, f"run {spec.name}", hint=" (rerun the same spec to resume)")
+    try:
+        result = fit_tracked(trainer, tracking_uri, run_id, f"run {spec.name}", hint=" (rerun the same spec to resume)")
+    except RaysparseError:
+        if not connected:   # disconnecting prints Ray's buffered worker logs now, so the error ends the output
+            ray.shutdown()
+        raise
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     out = RunResult(spec.name, metrics, run_id, tracking_uri, storage, languages)
     if verbose:
@@ -271,5 +448,7 @@ def run(spec: RunSpec | dict | str | Path, address: str | None = None, verbose: 
     return out
 
 
-__all__ = ["RunResult", "as_spec", "ensure_ray", "fit_tracked", "flatten", "preflight",
-           "resolve_languages", "run", "run_in_process", "run_params", "run_tags", "trainer_for"]
+__all__ = ["RunResult", "as_spec", "check_address", "check_cluster", "check_data", "check_fits", "cluster_capacity",
+           "connect_checked", "ensure_ray", "fit_tracked", "flatten", "local_capacity", "preflight",
+           "resolve_languages", "run", "run_in_process", "run_needs", "run_params", "run_tags", "trainer_for",
+           "worker_error"]

@@ -87,16 +87,17 @@ def prune_spec(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "g
                languages: list[str] | None = None, scoring_pairs: int = 256, batch_size: int = 16, steps: int = 1,
                scope: str = "global", normalize: str = "l2", round_to: int = 1, recover_steps: int = 0,
                learning_rate: float = 3e-5, eval_pairs: int = 200, seed: int = 0, sequence_length: int = 128,
-               data_dir: str | None = None, latency: bool = True) -> RunSpec:
+               data_dir: str | None = None, latency: bool = True, tune_masks: bool = False) -> RunSpec:
     """The run spec ``raysparse prune`` executes: Tatoeba, no fine-tuning, XNLI translation pairs
-    for scoring and recovery, the dense model evaluated beside the pruned one, nothing tracked."""
+    for scoring and recovery, the dense model evaluated beside the pruned one, nothing tracked.
+    ``tune_masks``: rescale the kept units by least squares after the shrink (``pruning.mask_tuning``)."""
     return parse(RunSpec, {
         "name": "prune", "seed": seed, "model": {"source": model},
         "data": {"task": "tatoeba", "dir": data_dir, "languages": languages, "max_eval_examples": eval_pairs,
                  "evaluate_dense": True},
         "finetune": {"steps": 0, "batch_size": batch_size},
         "pruning": {"algorithm": algorithm, "sparsity": sparsity, "scope": scope, "normalize": normalize,
-                    "round_to": round_to, "scoring_examples": scoring_pairs,
+                    "round_to": round_to, "scoring_examples": scoring_pairs, "mask_tuning": {"enabled": tune_masks},
                     **({"schedule": "iterative", "iterations": steps} if steps > 1 else {})},
         "recovery": {"steps": recover_steps, "learning_rate": learning_rate},
         "efficiency": {"sequence_length": sequence_length, "latency": latency},
@@ -109,7 +110,7 @@ def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradie
           scope: str = "global", normalize: str = "l2", round_to: int = 1, recover_steps: int = 0,
           learning_rate: float = 3e-5, eval_pairs: int = 200, seed: int = 0, sequence_length: int = 128,
           out: str | Path | None = None, data_dir: str | None = None, latency: bool = True,
-          verbose: bool = True) -> PruneResult:
+          tune_masks: bool = False, verbose: bool = True) -> PruneResult:
     """Prune ``model`` to ``sparsity`` with ``algorithm`` and report size and Tatoeba quality.
 
     The pipeline of ``raysparse run`` executed in this process (:func:`prune_spec` says which
@@ -120,7 +121,7 @@ def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradie
     spec = prune_spec(model, sparsity, algorithm, languages=languages, scoring_pairs=scoring_pairs,
                       batch_size=batch_size, steps=steps, scope=scope, normalize=normalize, round_to=round_to,
                       recover_steps=recover_steps, learning_rate=learning_rate, eval_pairs=eval_pairs, seed=seed,
-                      sequence_length=sequence_length, data_dir=data_dir, latency=latency)
+                      sequence_length=sequence_length, data_dir=data_dir, latency=latency, tune_masks=tune_masks)
     if out is not None:
         check_output(out, model)
     with contextlib.redirect_stdout(sys.stdout if verbose else io.StringIO()):
@@ -145,7 +146,8 @@ def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradie
              "seconds": seconds, "speedup": {k: v for k, v in metrics.items() if k.startswith("speedup/")},
              "settings": {"algorithm": algorithm, "sparsity": sparsity, "steps": steps, "scope": scope,
                           "normalize": normalize, "round_to": round_to, "recover_steps": recover_steps,
-                          "seed": seed, "languages": pipeline.languages["evaluation"]}}, indent=2))
+                          "seed": seed, "tune_masks": tune_masks,
+                          "languages": pipeline.languages["evaluation"]}}, indent=2))
     return PruneResult(out_dir, mask, scores, dense_size, pruned_size, quality, seconds)
 
 

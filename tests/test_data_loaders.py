@@ -33,7 +33,7 @@ from raysparse.data.tasks import PANX_TAGS, UPOS_TAGS, XNLI_LABELS
 from raysparse.errors import RaysparseError
 
 DATA = Path(os.environ.get("RAYSPARSE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "xtreme")
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"XTREME data not found at {DATA} (set RAYSPARSE_DATA)")
+pytestmark = pytest.mark.usefixtures("data_dir")   # missing data fails every test (conftest), never skips
 
 XNLI_LANGS = "ar bg de el en es fr hi ru sw th tr ur vi zh".split()
 PAWSX_LANGS = "de en es fr ja ko zh".split()

@@ -32,9 +32,7 @@ from raysparse.data import (
 from raysparse.data.tasks import PANX_TAGS
 
 DATA = Path(os.environ.get("RAYSPARSE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "xtreme")
-CACHE = Path(os.environ.get("RAYSPARSE_CACHE") or Path.home() / ".cache" / "raysparse").expanduser()
-E5_TOKENIZER = CACHE / "models" / "multilingual-e5-small" / "tokenizer.json"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"XTREME data not found at {DATA} (set RAYSPARSE_DATA)")
+pytestmark = pytest.mark.usefixtures("data_dir")   # missing data fails every test (conftest), never skips
 
 MAX_LENGTH, STRIDE = 160, 48  # short windows, so contexts overflow into several
 
@@ -80,10 +78,8 @@ def _train_tokenizer(kind: str, texts: list[str], folder: Path):
 
 @pytest.fixture(scope="module", params=["metaspace-bpe", "wordpiece", "e5"])
 def tokenizer(request, corpus, tmp_path_factory):
-    if request.param == "e5":
-        if not E5_TOKENIZER.is_file():
-            pytest.skip(f"{E5_TOKENIZER} not present (converted by `raysparse fetch-model`)")
-        return AutoTokenizer.from_pretrained(E5_TOKENIZER.parent)
+    if request.param == "e5":   # converted into the cache on first use (conftest's embedded_dir)
+        return AutoTokenizer.from_pretrained(request.getfixturevalue("embedded_dir"))
     return _train_tokenizer(request.param, corpus, tmp_path_factory.mktemp(request.param))
 
 
@@ -96,6 +92,7 @@ def questions():
 def test_tagging_labels_sit_on_first_subwords(tokenizer):
     rows = load_split("panx", "de", "dev", DATA).select(range(300))
     features = tagging_features(rows, tokenizer, max_length=64)
+    assert len(features) == len(rows)   # one feature per sentence, so the pairs below cover every row
     for row, feature in zip(rows, features):
         word_ids = tokenizer(row["tokens"], is_split_into_words=True, truncation=True, max_length=64).word_ids()
         first_positions = [p for p, w in enumerate(word_ids) if w is not None and (p == 0 or word_ids[p - 1] != w)]

@@ -72,6 +72,7 @@ def test_gates_on_the_live_model_eval_is_deterministic_train_samples_once_per_st
         second = student(**batch).last_hidden_state
     torch.testing.assert_close(first, second, atol=0, rtol=0)
     heads, neurons = alg._gate_rows(False)
+    assert len(heads) + len(neurons) == len(alg.head_log_alpha) + len(alg.neuron_log_alpha)
     for row, la in zip(heads + neurons, list(alg.head_log_alpha) + list(alg.neuron_log_alpha)):
         torch.testing.assert_close(row, deterministic_gates(la))
 

@@ -16,8 +16,9 @@ from raysparse.pruning.analysis import head_overlap, jaccard, layer_importance, 
 from raysparse.pruning.layers import select_layers
 from raysparse.pruning.movement import MovementImportance
 from raysparse.structure import Mask, encoder_sparsity_of, params_per_head, params_per_neuron, shrink
-from raysparse.training.distill import (distillation_loss, forward_outputs, hidden_state_loss, layer_map_for,
-                                        recovery_loss, teacher_outputs)
+from raysparse.training.distill import (Distillation, distillation_loss, forward_outputs, hidden_state_loss,
+                                        layer_map_for, target_outputs, teacher_outputs)
+from raysparse.training.loop import Forward
 from raysparse.training.retrieval import contrastive_loss, pair_batches
 
 HIDDEN, HEAD_DIM = 384, 32
@@ -181,9 +182,42 @@ def test_hidden_state_matching_uses_the_layer_map_of_a_shrunk_student(model, bat
     assert float(distillation_loss(s, t, 2.0, 0.5, hidden_weight=1.0, layer_map=layer_map)) > 0
 
     config = SimpleNamespace(temperature=2.0, alpha=0.5, hidden=True, hidden_weight=1.0)
+    outputs = forward_outputs(student, batch, hidden_states=True)
     task = contrastive_loss(student, batch)
-    loss = recovery_loss(student, teacher, batch, task, config)
+    callback = Distillation(teacher, config, {None: layer_map})
+    loss = callback.after_loss(0, Forward(task, batch, outputs))
     assert torch.isfinite(loss) and loss.requires_grad and float(loss.detach()) > 0.5 * float(task.detach())
+
+
+def test_cached_teacher_targets_give_the_loss_the_teacher_gives(model, batches):
+    """Soft targets read from a cache (computed once, on the CPU) equal running the frozen teacher."""
+    teacher, student = model, copy.deepcopy(model)
+    mask = Mask.for_model(student)
+    mask.kept_heads[:, ::2] = False
+    shrink(student, mask)
+    config = SimpleNamespace(temperature=2.0, alpha=0.7, hidden=False, hidden_weight=1.0)
+    targets = {step: target_outputs(teacher, batch) for step, batch in enumerate(batches[:2])}
+    assert set(targets[0]) == {"embeddings"}
+    for step, batch in enumerate(batches[:2]):
+        outputs = forward_outputs(student, batch)
+        task = contrastive_loss(student, batch)
+        live = Distillation(teacher, config).after_loss(step, Forward(task, batch, outputs))
+        cached = Distillation(None, config, targets=targets).after_loss(step, Forward(task, batch, outputs))
+        assert float(cached) == pytest.approx(float(live), rel=1e-6)
+        assert float(live) != pytest.approx(0.3 * float(task), rel=1e-3)   # the soft term is there
+    with pytest.raises(RaysparseError, match="no outputs"):
+        Distillation(teacher, config).after_loss(0, Forward(task, batches[0]))
+
+
+def test_a_bfloat16_teacher_gives_float32_targets_close_to_the_float32_teacher(model, batches):
+    exact = teacher_outputs(model, batches[0])
+    fast = teacher_outputs(model, batches[0], dtype="bfloat16")
+    assert fast["embeddings"].dtype == torch.float32 and all(h.dtype == torch.float32 for h in fast["hidden_states"])
+    assert not torch.equal(fast["embeddings"], exact["embeddings"])      # it did run in bfloat16
+    cosine = torch.nn.functional.cosine_similarity(fast["embeddings"], exact["embeddings"])
+    assert float(cosine.min()) > 0.99
+    soft = distillation_loss(fast, exact, temperature=2.0, alpha=1.0)
+    assert float(soft) < 0.01 * float(distillation_loss(teacher_outputs(model, batches[1]), exact, 2.0, 1.0))
 
 
 # --- importance per language ----------------------------------------------------------------------------

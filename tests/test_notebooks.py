@@ -1,6 +1,7 @@
 """Notebooks execute headless; the MLflow UI shows a search's trials side by side in a real browser."""
 
 import json
+import re
 import shutil
 import urllib.parse
 from pathlib import Path
@@ -40,19 +41,54 @@ def notebook_search(tmp_path_factory, tracking_server, embedded_dir, ray_local):
     shutil.rmtree(folder / "runs", ignore_errors=True)   # checkpoints; the MLflow runs stay on the server
 
 
+def outputs(notebook: Path) -> str:
+    """Everything the executed notebook printed."""
+    executed = json.loads(notebook.read_text())
+    return "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
+
+
+OBJECTIVES = ("xnli/avg/accuracy", "xnli/worst/accuracy", "latency/pruned/b1_ms")
+
+
 @pytest.mark.timeout(900)
 def test_define_search_notebook_runs_a_search(notebook_search, tracking_server):
-    executed = json.loads((notebook_search / "define_search.out.ipynb").read_text())
-    text = "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
-    assert "MLflow parent run" in text and "algorithm" in text
+    """The parent run the notebook printed is the finished search in MLflow, with both trials under it."""
+    printed = outputs(notebook_search / "define_search.out.ipynb")
+    match = re.search(r"MLflow parent run: (\S+)/#/experiments  run (\w+)", printed)
+    assert match, "the notebook prints its parent run"
+    assert match[1] == tracking_server
+    parent = rest(tracking_server, f"/api/2.0/mlflow/runs/get?run_id={match[2]}")["run"]
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert parent["info"]["status"] == "FINISHED"
+    assert (tags["raysparse.kind"], tags["raysparse.search"]) == ("search", SEARCH)
+    assert (metrics["trials"], metrics["failed_trials"]) == (2, 0) and 1 <= metrics["pareto_size"] <= 2
+    children = _children(tracking_server)
+    assert len(children) == 2
+    for child in children:
+        child_tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
+        assert child_tags["mlflow.parentRunId"] == match[2] and child["info"]["status"] == "FINISHED"
+        assert set(OBJECTIVES) <= {m["key"] for m in child["data"]["metrics"]}
 
 
 @pytest.mark.timeout(300)
 def test_analyze_notebook_reads_the_search_back(notebook_search, tracking_server, tmp_path):
+    """The run set the analysis notebook wrote holds what MLflow holds for each trial."""
     papermill.execute_notebook(
         str(NOTEBOOKS / "analyze_search.ipynb"), str(tmp_path / "analyze.out.ipynb"), kernel_name="python3",
         parameters={"name": SEARCH, "tracking_uri": tracking_server, "out_dir": str(tmp_path / "report")},
         cwd=str(tmp_path), progress_bar=False)
+    assert "2 finished trials" in outputs(tmp_path / "analyze.out.ipynb")
+    runset = json.loads((tmp_path / "report" / "runs.json").read_text())
+    children = {c["info"]["run_id"]: c for c in _children(tracking_server)}
+    assert runset["name"] == SEARCH and [list(o) for o in runset["objectives"]][0][0] == OBJECTIVES[0]
+    assert sorted(row["run_id"] for row in runset["rows"]) == sorted(children)
+    for row in runset["rows"]:
+        metrics = {m["key"]: m["value"] for m in children[row["run_id"]]["data"]["metrics"]}
+        for key in (*OBJECTIVES, "encoder_sparsity"):
+            assert row[key] == pytest.approx(metrics[key], rel=1e-12), key
+    parents = {{t["key"]: t["value"] for t in c["data"]["tags"]}["mlflow.parentRunId"] for c in children.values()}
+    assert parents == {runset["parent_run_id"]}
     written = {p.name for p in (tmp_path / "report").iterdir()}
     assert {"trials.txt", "pareto.txt", "per_language.txt", "quality_vs_sparsity.png", "per_language.png"} <= written
 

@@ -79,6 +79,14 @@ def test_per_language_masks_train_inside_their_union(tiny_model_dir):
         assert f"xnli/{language}/accuracy" in pipeline.state.metrics
 
 
+def assert_same_weights(model, other, atol):
+    """The same tensor names (a missing or extra tensor fails), each equal within ``atol``."""
+    ours, theirs = model.state_dict(), other.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(theirs[name], tensor, atol=atol, rtol=0, msg=name)
+
+
 class Interrupt(Callback):
     """Kills the stage it observes after ``after`` steps (as a killed worker would stop)."""
 
@@ -115,9 +123,7 @@ def test_resume_mid_recovery_rebuilds_the_shrunk_shape(setting, tiny_model_dir, 
     for key, value in straight.state.metrics.items():
         if key.startswith("xnli/"):
             assert resumed.state.metrics[key] == pytest.approx(value, abs=1e-6), key
-    for (name, a), (_, b) in zip(sorted(straight.model.state_dict().items()), sorted(resumed.model.state_dict().items())):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
-    assert sorted(straight.model.state_dict()) == sorted(resumed.model.state_dict())
+    assert_same_weights(straight.model, resumed.model, atol=1e-6)
 
 
 def test_a_non_finite_loss_stops_any_stage_in_one_line(tiny_model_dir):
@@ -154,6 +160,30 @@ def test_the_fine_tuned_model_is_computed_once_and_reused(tiny_model_dir, tmp_pa
     assert third.state.metrics["cache/finetune/hit"] == 0.0
     other = run_in_process({**spec("other-seed", sparsity=0.3), "seed": 1})
     assert other.state.metrics["cache/finetune/hit"] == 0.0   # the seed is part of the key
+
+
+@pytest.mark.timeout(300)
+def test_teacher_targets_are_computed_once_and_give_what_the_live_teacher_gives(tiny_model_dir, tmp_path):
+    """Distillation's soft targets depend on the teacher and the batches alone: a second run with other
+    pruning choices reads them from the cache and ends where a run with the teacher beside it ends."""
+    def spec(name, cache_targets=True, **pruning):
+        data = tiny_spec(tiny_model_dir, name, **pruning)
+        data["storage"] = str(tmp_path / "runs")
+        data["recovery"]["distillation"] = {"enabled": True, "alpha": 0.8, "cache_targets": cache_targets}
+        return data
+
+    first = run_in_process(spec("first"))
+    second = run_in_process(spec("second", algorithm="magnitude"))
+    live = run_in_process(spec("live", cache_targets=False, algorithm="magnitude"))
+    hit = "cache/teacher-targets/hit"
+    assert (first.state.metrics[hit], second.state.metrics[hit]) == (0.0, 1.0)
+    assert hit not in live.state.metrics
+    assert len(list((tmp_path / "runs" / "cache" / "teacher-targets").glob("*/targets.safetensors"))) == 1
+    compared = [key for key in live.state.metrics if key.startswith("xnli/")]
+    assert compared
+    for key in compared:
+        assert second.state.metrics[key] == pytest.approx(live.state.metrics[key], abs=1e-6), key
+    assert_same_weights(second.model, live.model, atol=1e-5)
 
 
 def _compute_once(root, counter, results):

@@ -66,8 +66,10 @@ def test_save_load_round_trips_exactly(model_cls, config_cls, tmp_path):
     loaded = load_pruned(tmp_path / "m")
     assert type(loaded) is type(model)
     assert structure_of(loaded) == structure_of(model)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    saved, again = model.state_dict(), loaded.state_dict()
+    assert list(again) == list(saved)   # the same tensors, by name, before comparing them
+    for name, tensor in saved.items():
+        assert torch.equal(again[name], tensor), name
     assert torch.equal(hidden(loaded, batch), hidden(model, batch))
 
 

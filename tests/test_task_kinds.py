@@ -1,4 +1,5 @@
-"""One strategy per task kind: the data side (raysparse.data.kinds), heads and training objectives."""
+"""One strategy per task kind: the data side (raysparse.data.kinds, its rows in raysparse.data.schema), heads and
+training objectives."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from transformers import BertConfig, BertModel
 
 from raysparse.data.kinds import KINDS, Retrieval, TrainingLanguages, kind_of, stack_ragged
 from raysparse.data.load import languages
+from raysparse.data.schema import SCHEMAS, features_for
 from raysparse.data.tasks import TASK_KINDS, TASKS, get_task
 from raysparse.errors import RaysparseError
 from raysparse.models.heads import HEADS, TaskModel
@@ -14,12 +16,13 @@ from raysparse.training.kinds import OBJECTIVES, objective_of
 
 
 def test_one_strategy_per_kind_everywhere():
-    assert tuple(KINDS) == TASK_KINDS == tuple(HEADS)
+    assert tuple(KINDS) == TASK_KINDS == tuple(SCHEMAS) == tuple(HEADS)
     assert MAX_LENGTH == {"pair_classification": 128, "tagging": 128, "qa": 384, "retrieval": 128}
     for task in TASKS.values():
-        assert task.strategy is kind_of(task) is kind_of(task.name) is kind_of(task.kind) is KINDS[task.kind]
-        assert task.strategy.name == task.kind
-        assert task.trainable == (task.kind != "retrieval") == (not task.strategy.embeds)
+        kind = kind_of(task)
+        assert kind is kind_of(task.name) is kind_of(task.kind) is KINDS[task.kind]
+        assert kind.name == SCHEMAS[task.kind].name == task.kind
+        assert kind.trainable == (task.kind != "retrieval") == (not kind.embeds)
         assert default_max_length(task) == MAX_LENGTH[task.kind]
         assert objective_of(task) is OBJECTIVES["contrastive" if task.kind == "retrieval" else "head"]
     assert {t: num_labels_of(t) for t in ("xnli", "pawsx", "udpos", "panx", "xquad", "tatoeba", "bucc")} == \
@@ -29,7 +32,7 @@ def test_one_strategy_per_kind_everywhere():
 
 
 def test_schema_columns_per_kind():
-    columns = {kind: set(KINDS[kind].features(next(t for t in TASKS.values() if t.kind == kind)))
+    columns = {kind: set(features_for(next(t for t in TASKS.values() if t.kind == kind)))
                for kind in TASK_KINDS}
     assert columns == {"pair_classification": {"sentence1", "sentence2", "label"}, "tagging": {"tokens", "tags"},
                        "qa": {"id", "context", "question", "answers"}, "retrieval": {"source", "target"}}
@@ -72,21 +75,21 @@ def test_heads_build_and_output_what_evaluation_reads(kind, keys, per_token):
 def test_training_languages_per_kind(data_dir):
     xnli = get_task("xnli")
     present = languages(xnli, data_dir)
-    plan = xnli.strategy.training_languages(xnli, present, ["de", "fr"], "translate-train", data_dir)
+    plan = kind_of(xnli).training_languages(xnli, present, ["de", "fr"], "translate-train", data_dir)
     assert plan == TrainingLanguages(set(present), ["de", "fr"], ["de", "en", "fr"])
-    assert xnli.strategy.training_languages(xnli, present, ["de"], "zero-shot", data_dir).finetune == ["en"]
-    assert xnli.strategy.training_languages(xnli, present, ["de"], "in-language", data_dir).finetune == ["de"]
+    assert kind_of(xnli).training_languages(xnli, present, ["de"], "zero-shot", data_dir).finetune == ["en"]
+    assert kind_of(xnli).training_languages(xnli, present, ["de"], "in-language", data_dir).finetune == ["de"]
     tatoeba = get_task("tatoeba")
-    plan = tatoeba.strategy.training_languages(tatoeba, languages(tatoeba, data_dir), ["de", "zz"], "zero-shot",
+    plan = kind_of(tatoeba).training_languages(tatoeba, languages(tatoeba, data_dir), ["de", "zz"], "zero-shot",
                                                data_dir)
     assert plan.trainable == set(present) - {"en"} and plan.candidates == plan.finetune == ["de"]
-    assert tatoeba.strategy.training_source == "XNLI translation pairs"
-    assert xnli.strategy.training_source == "training rows"
+    assert kind_of(tatoeba).training_source == "XNLI translation pairs"
+    assert kind_of(xnli).training_source == "training rows"
 
 
 def test_retrieval_rows_and_objective(data_dir, embedded_tokenizer):
     tatoeba = get_task("tatoeba")
-    rows, source = tatoeba.strategy.training_rows(tatoeba, "de", embedded_tokenizer, seed=0, train_fraction=0.5,
+    rows, source = kind_of(tatoeba).training_rows(tatoeba, "de", embedded_tokenizer, seed=0, train_fraction=0.5,
                                                   max_examples=4, max_length=16, stride=8, data_dir=data_dir)
     assert len(rows) == 4 and all(isinstance(s, str) and isinstance(t, str) for s, t in rows)
     assert source == "xnli/dev-de.tsv premises paired with dev-en (4 pairs)"
@@ -102,9 +105,9 @@ def test_retrieval_rows_and_objective(data_dir, embedded_tokenizer):
     assert batch["input_ids"].shape[0] == 8      # sources, then their translations
     assert embedded_tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).startswith("query:")
     with pytest.raises(RaysparseError, match="zz not found for xnli"):
-        tatoeba.strategy.training_rows(tatoeba, "zz", embedded_tokenizer, seed=0, train_fraction=0.5,
+        kind_of(tatoeba).training_rows(tatoeba, "zz", embedded_tokenizer, seed=0, train_fraction=0.5,
                                        max_examples=None, max_length=16, stride=8, data_dir=data_dir)
-    assert isinstance(tatoeba.strategy, Retrieval)
+    assert isinstance(kind_of(tatoeba), Retrieval)
 
 
 def test_stack_ragged_pads_with_the_lowest_float():

@@ -126,17 +126,22 @@ def test_held_out_dropped_share_and_quality(full, embedded_tokenizer, trimmed, k
 
 
 @pytest.mark.timeout(120)
-def test_text_with_dropped_pieces_still_encodes(trimmed):
+def test_text_with_dropped_pieces_still_encodes(trimmed, embedded_tokenizer, kept, corpus):
     model, tokenizer = trimmed
     texts = ["这是一个测试。", "ภาษาไทย", "Привет, мир!", "مرحبا", "emoji ❤️🚀 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "",
-             "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich.", "<mask> <s> </s> <unk>"]
+             "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich.", "<mask> <s> </s> <unk>", corpus[0]]
     batch = encoded(tokenizer, texts)
     ids = batch["input_ids"]
     assert int(ids.max()) < len(tokenizer)
     assert (ids == tokenizer.unk_token_id).any(dim=1)[:5].all()      # scripts the corpus never saw
     assert hidden(model, batch).isfinite().all()
-    for row in ids:
-        tokenizer.decode(row)
+    decoded = tokenizer.batch_decode(ids)
+    # every id decodes to the piece it stands for in the full vocabulary; dropped pieces as <unk>
+    assert decoded == embedded_tokenizer.batch_decode(torch.tensor(kept)[ids])
+    assert all("<unk>" in text for text in decoded[:5])
+    # text made only of kept pieces decodes as the full tokenizer decodes it
+    assert tokenizer.decode(ids[-1], skip_special_tokens=True) == \
+        embedded_tokenizer.decode(encoded(embedded_tokenizer, [corpus[0]])["input_ids"][0], skip_special_tokens=True)
 
 
 @pytest.mark.timeout(240)

@@ -9,7 +9,10 @@ that spec) three ways, one after another in this process, each through the run p
 * gated:  the full-size model with the pruned units gated off (``recovery.shrink: false``,
           how recovery ran before);
 * shrunk: the model physically shrunk to the mask, then trained (``recovery.shrink: true``,
-          the default now).
+          the default now), the teacher running beside the student;
+* dense-c, cached: dense and shrunk again, with the teacher's soft targets read from the stage
+          cache (what every trial of a search after the first pays; the one-off cost of
+          computing them, paid by dense-c here, is printed).
 
 Prints the median milliseconds per step of each (steps after the first two), the ratios
 shrunk/dense and gated/dense, and Tatoeba top-1 after recovery for gated and shrunk (first
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,41 +84,61 @@ def main() -> None:
     parser.add_argument("--distill", choices=("spec", "on", "off"), default="spec",
                         help="distillation from the dense model: as the spec says (on), or forced on/off; the "
                              "teacher's forward pass is the same in every variant, so it narrows the ratios")
+    parser.add_argument("--teacher-dtype", choices=("spec", "float32", "bfloat16"), default="spec",
+                        help="the teacher's forward passes in this dtype (recovery.distillation.teacher_dtype)")
+    parser.add_argument("--hidden", choices=("spec", "on", "off"), default="spec",
+                        help="hidden-state distillation (off: the teacher's soft targets can be cached)")
     parser.add_argument("--no-eval", action="store_true", help="time the steps only (no Tatoeba evaluation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     base = load_spec(SPEC)
+    data = base.model_dump()
+    distillation = data["recovery"]["distillation"]
     if args.distill != "spec":
-        data = base.model_dump()
-        data["recovery"]["distillation"]["enabled"] = args.distill == "on"
-        base = parse(RunSpec, data)
+        distillation["enabled"] = args.distill == "on"
+    if args.teacher_dtype != "spec":
+        distillation["teacher_dtype"] = args.teacher_dtype
+    if args.hidden != "spec":
+        distillation["hidden"] = args.hidden == "on"
+    base = parse(RunSpec, data)
     base = parse(RunSpec, variant(base, **{"recovery.steps": args.steps, "data.max_eval_examples": args.eval_pairs,
                                           "data.languages": args.languages.split(",") if args.languages else None,
                                           "efficiency.latency": False, "tracking.log_models": "none"}))
     languages = preflight(base)
     print(f"{SPEC.name}: {base.pruning.algorithm} to {base.pruning.sparsity} encoder sparsity, {args.steps} recovery "
           f"steps (batch {base.finetune.batch_size}, length {base.data.max_length}, distillation "
-          f"{'on' if base.recovery.distillation.enabled else 'off'}), {args.threads} threads; Tatoeba: "
+          f"{'on' if base.recovery.distillation.enabled else 'off'}, hidden {base.recovery.distillation.hidden}, teacher "
+          f"{base.recovery.distillation.teacher_dtype}), {args.threads} threads; Tatoeba: "
           f"{len(languages['evaluation'])} languages, first {args.eval_pairs} pairs", flush=True)
     variants = {"dense": variant(base, **{"pruning.sparsity": 0.0}),
                 "gated": variant(base, **{"recovery.shrink": False}),
                 "shrunk": variant(base, **{"recovery.shrink": True})}
+    distill = base.recovery.distillation
+    if distill.enabled and distill.cache_targets and not distill.hidden:   # the teacher's soft targets from the stage cache, as every trial after a search's first
+        variants["dense-c"], variants["cached"] = variants["dense"], variants["shrunk"]
     ms, quality, sparsity = {}, {}, {}
+    cache = tempfile.TemporaryDirectory(prefix="recovery-cost-")
     for name, spec in variants.items():
-        pipeline = build_pipeline(parse(RunSpec, spec), languages, LocalSession())
+        storage = cache.name if name in ("dense-c", "cached") else None
+        pipeline = build_pipeline(parse(RunSpec, spec), languages, LocalSession(), storage=storage)
         pipeline.finetune()
         pipeline.prune()
         timer = StepTimer()
         pipeline.observers.append(timer)
+        started = time.perf_counter()
         pipeline.recover()
+        if name == "dense-c":   # the first to need them: computes and stores them
+            once = time.perf_counter() - started - sum(timer.times)
+            print(f"[{name}] the teacher's targets for {args.steps} steps took {once:.1f} s once "
+                  f"({1000 * once / args.steps:.0f} ms per step; later trials read them)", flush=True)
         ms[name] = 1000 * statistics.median(timer.times[2:] or timer.times)
         spread = [1000 * t for t in timer.times[2:]] or [ms[name]]
         enc = Encoder(pipeline.model)
         sparsity[name] = encoder_sparsity_of(pipeline.state.masks["shared"], enc.hidden_size, enc.head_dim)
         print(f"[{name}] {ms[name]:.0f} ms/step median (min {min(spread):.0f}, max {max(spread):.0f}) over "
               f"{len(spread)} steps; encoder sparsity {sparsity[name]:.3f}", flush=True)
-        if name != "dense" and not args.no_eval:
+        if name in ("gated", "shrunk") and not args.no_eval:
             pipeline.evaluate()
             quality[name] = pipeline.state.metrics
         del pipeline
@@ -130,6 +154,10 @@ def main() -> None:
     ratio = ms["shrunk"] / ms["dense"]
     print(f"\nshrunk/dense {ratio:.2f} (target <= 0.55): {'met' if ratio <= 0.55 else 'NOT met'}; "
           f"gated/dense {ms['gated'] / ms['dense']:.2f}; shrunk/gated {ms['shrunk'] / ms['gated']:.2f}")
+    if "cached" in ms:
+        cached = ms["cached"] / ms["dense-c"]
+        print(f"with cached teacher targets (both): shrunk/dense {cached:.2f} (target <= 0.55): "
+              f"{'met' if cached <= 0.55 else 'NOT met'}")
     if quality:
         gap = quality["shrunk"][f"{task}/avg/accuracy"] - quality["gated"][f"{task}/avg/accuracy"]
         print(f"shrunk - gated Tatoeba avg: {100 * gap:+.1f} points (target: within 1): "

@@ -21,9 +21,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "splits": ("RowSplit", "split_rows"),
     "regimes": ("REGIMES", "LanguageData", "TrainingData", "evaluation_data", "training_data"),
     "features": (
-        "IGNORE_INDEX", "AnswerCandidate", "eval_features", "pair_features", "qa_candidates", "qa_eval_features",
-        "qa_predictions", "qa_train_features", "retrieval_features", "tagging_features", "tagging_predictions",
-        "train_features",
+        "IGNORE_INDEX", "AnswerCandidate", "pair_features", "qa_candidates", "qa_eval_features", "qa_predictions",
+        "qa_train_features", "retrieval_features", "tagging_features", "tagging_predictions",
     ),
     "metrics": (
         "accuracy", "aggregate", "answer_f1", "bucc_scores", "entity_scores", "exact_match", "normalize_answer",

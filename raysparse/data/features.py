@@ -16,7 +16,6 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
 
 IGNORE_INDEX = -100  # label of sub-words the loss and the metrics skip
@@ -273,27 +272,3 @@ def retrieval_features(
 
     return _map(rows, encode)
 
-
-# --- by task ------------------------------------------------------------------------------
-
-def train_features(
-    task: str | Task, rows: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, stride: int = 128
-) -> Dataset:
-    """Training inputs for ``task``'s kind (QA: windows with answer positions)."""
-    task = get_task(task)
-    if not task.strategy.trainable:
-        raise RaysparseError(f"data.task: '{task.name}' is a {task.kind} task and has no training features")
-    return task.strategy.train_features(rows, tokenizer, max_length, stride)
-
-
-def eval_features(
-    task: str | Task,
-    rows: Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    stride: int = 128,
-    prefix: str = "",
-) -> Dataset:
-    """Evaluation inputs for ``task``'s kind (QA: windows with offsets for post-processing)."""
-    task = get_task(task)
-    return task.strategy.eval_features(rows, tokenizer, max_length, stride, prefix)

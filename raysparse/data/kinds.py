@@ -1,19 +1,20 @@
 """What each task kind decides, in one strategy object per kind.
 
-A task's kind (:attr:`raysparse.data.tasks.Task.kind`) decides its columns, how a file's
-rows are grouped when it is split into a training and a held-out part, its features, the
-size of its head, how its outputs are scored, what it trains on and which languages can
-train it. :func:`kind_of` gives a task's strategy (``Task.strategy`` is the same object):
+A task's kind (:attr:`raysparse.data.tasks.Task.kind`) decides its features, the size of
+its head, how its outputs are scored, what it trains on and which languages can train it.
+:func:`kind_of` gives a task's strategy:
 
     pair_classification  XNLI, PAWS-X
     tagging              UD-POS, PAN-X
     qa                   XQuAD, MLQA, TyDiQA
     retrieval            Tatoeba, BUCC (scored from sentence embeddings, no head)
 
-This module sits in the data layer, so it knows no torch model: the heads of each kind
+This module sits on top of the data layer: it builds on the features, metrics, regimes and
+loaders, and none of them imports it. So what the loaders and regimes need of a kind (its
+columns, how a file's rows group when split, whether it trains) is the kind's row schema, in
+:mod:`raysparse.data.schema`, one layer down. It knows no torch model: the heads of each kind
 live in :mod:`raysparse.models.heads`, batches and losses in :mod:`raysparse.training.kinds`.
-``datasets`` and the feature code are imported on first use, so importing this module
-(``Task.strategy``, config validation) stays cheap.
+``datasets`` and the feature code are imported on first use, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from raysparse.data.schema import SCHEMAS
 from raysparse.data.tasks import TASK_KINDS, Task, get_task
 from raysparse.errors import RaysparseError
 
 if TYPE_CHECKING:
     import numpy as np
-    from datasets import Dataset, Features
-
-    from raysparse.data.layout import DataFile
+    from datasets import Dataset
 
 # Columns of a training row a model (or the collator) reads.
 TRAINING_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
@@ -55,7 +55,6 @@ class Kind:
     """The decisions of one task kind. Subclasses override what differs."""
 
     name: ClassVar[str]
-    trainable: ClassVar[bool] = True        # labelled rows to fine-tune on (retrieval: scored from embeddings)
     embeds: ClassVar[bool] = False          # scored from sentence embeddings: any encoder will do, no head
     objective: ClassVar[str] = "head"       # what training minimises: the head's loss, or "contrastive"
     max_length: ClassVar[int] = 128         # default tokens per sequence
@@ -66,26 +65,10 @@ class Kind:
     def __repr__(self) -> str:
         return f"<kind {self.name}>"
 
-    # --- rows ------------------------------------------------------------------------------
-    def features(self, task: Task) -> Features:
-        """The ``datasets.Features`` of the kind's rows (labels carry the task's names)."""
-        raise NotImplementedError
-
-    def columns(self, rows: Sequence) -> dict[str, list]:
-        """Typed reader rows -> the kind's columns."""
-        raise NotImplementedError
-
-    def group_keys(self, found: DataFile, rows: Dataset,
-                   pivot: Callable[[], tuple[DataFile, Dataset]]) -> tuple[list[str], str]:
-        """One key per row (equal keys stay on one side of a seeded split) and what they group by.
-
-        ``pivot()`` gives the file that keys every parallel file of the split, and its rows.
-        """
-        raise RaysparseError(f"data: {found.path} of a {self.name} task is never split into parts "
-                             "(expected whole files)")
-
-    def check_labelled(self, found: DataFile, rows: Dataset) -> None:
-        """Raise one line if the rows cannot be trained or scored on (no gold labels)."""
+    @property
+    def trainable(self) -> bool:
+        """Labelled rows to fine-tune on (retrieval: scored from embeddings), as the kind's rows say."""
+        return SCHEMAS[self.name].trainable
 
     # --- the model's side ----------------------------------------------------------------
     def num_labels(self, task: str | Task) -> int:
@@ -112,14 +95,13 @@ class Kind:
     def training_rows(self, task: Task, language: str, tokenizer, *, seed: int, train_fraction: float,
                       max_examples: int | None, max_length: int, stride: int, data_dir=None) -> tuple[list, str]:
         """One language's training rows (features ready to batch) and where they came from."""
-        from raysparse.data.features import train_features
         from raysparse.data.regimes import training_data
 
         data = training_data(task, "in-language", [language], seed, train_fraction, data_dir).per_language[language]
         table = data.rows
         if max_examples and len(table) > max_examples:
             table = table.shuffle(seed=seed).select(range(max_examples))
-        features = train_features(task, table, tokenizer, max_length, stride)
+        features = self.train_features(table, tokenizer, max_length, stride)
         keep = [c for c in TRAINING_COLUMNS if c in features.column_names]
         return features.select_columns(keep).to_list(), data.source
 
@@ -127,31 +109,6 @@ class Kind:
 class PairClassification(Kind):
     name = "pair_classification"
     labelled_by_names = True
-
-    def features(self, task):
-        from datasets import ClassLabel, Features, Value
-
-        return Features({
-            "sentence1": Value("string"),
-            "sentence2": Value("string"),
-            "label": ClassLabel(names=list(task.label_names)),
-        })
-
-    def columns(self, rows):
-        return {
-            "sentence1": [r.sentence1 for r in rows],
-            "sentence2": [r.sentence2 for r in rows],
-            "label": [r.label for r in rows],
-        }
-
-    def group_keys(self, found, rows, pivot):
-        pivot_file, pivot_rows = pivot()
-        if len(pivot_rows) != len(rows):
-            raise RaysparseError(
-                f"{found.path}: has {len(rows)} rows but {pivot_file.label()} has {len(pivot_rows)} "
-                f"(expected parallel files with one row per translated example)"
-            )
-        return [f"text:{s}" for s in pivot_rows["sentence1"]], f"{pivot_file.language} sentence1 of the same row"
 
     def train_features(self, rows, tokenizer, max_length, stride=128):
         from raysparse.data.features import pair_features
@@ -167,20 +124,6 @@ class PairClassification(Kind):
 class Tagging(Kind):
     name = "tagging"
     labelled_by_names = True
-
-    def features(self, task):
-        from datasets import ClassLabel, Features, List, Value
-
-        return Features({
-            "tokens": List(Value("string")),
-            "tags": List(ClassLabel(names=list(task.label_names))),
-        })
-
-    def columns(self, rows):
-        return {"tokens": [list(r.tokens) for r in rows], "tags": [list(r.tags) for r in rows]}
-
-    def group_keys(self, found, rows, pivot):
-        return [f"row:{i}" for i in range(len(rows))], "sentence"
 
     def train_features(self, rows, tokenizer, max_length, stride=128):
         from raysparse.data.features import tagging_features
@@ -200,41 +143,6 @@ class QuestionAnswering(Kind):
     name = "qa"
     max_length = 384
     windows = True
-
-    def features(self, task):
-        from datasets import Features, List, Value
-
-        return Features({
-            "id": Value("string"),
-            "context": Value("string"),
-            "question": Value("string"),
-            "answers": {"text": List(Value("string")), "answer_start": List(Value("int32"))},
-        })
-
-    def columns(self, rows):
-        return {
-            "id": [r.id for r in rows],
-            "context": [r.context for r in rows],
-            "question": [r.question for r in rows],
-            "answers": [{"text": list(r.answer_texts), "answer_start": list(r.answer_starts)} for r in rows],
-        }
-
-    def group_keys(self, found, rows, pivot):
-        # Questions on one paragraph stay together; parallel sets find it through the pivot's id.
-        pivot_file, pivot_rows = pivot()
-        pivot_context = dict(zip(pivot_rows["id"], pivot_rows["context"]))
-        keys = [
-            f"context:{pivot_context.get(qid, context)}" for qid, context in zip(rows["id"], rows["context"])
-        ]
-        return keys, f"{pivot_file.language} context of the same question id"
-
-    def check_labelled(self, found, rows):
-        unlabelled = sum(1 for answers in rows["answers"] if not answers["text"])
-        if unlabelled:
-            raise RaysparseError(
-                f"{found.path}: {unlabelled} of its {len(rows)} questions have no gold answer (empty answer "
-                "texts, as in XTREME's unlabelled releases); expected labelled data to train or evaluate on"
-            )
 
     def train_features(self, rows, tokenizer, max_length, stride=128):
         from raysparse.data.features import qa_train_features
@@ -260,18 +168,9 @@ class QuestionAnswering(Kind):
 
 class Retrieval(Kind):
     name = "retrieval"
-    trainable = False
     embeds = True
     objective = "contrastive"
     training_source = "XNLI translation pairs"
-
-    def features(self, task):
-        from datasets import Features, Value
-
-        return Features({"source": Value("string"), "target": Value("string")})
-
-    def columns(self, rows):
-        return {"source": [r.source for r in rows], "target": [r.target for r in rows]}
 
     def train_features(self, rows, tokenizer, max_length, stride=128):
         raise RaysparseError(f"data.task: a {self.name} task has no training features")

@@ -30,7 +30,7 @@ from datasets import Dataset, concatenate_datasets
 
 from raysparse.data.layout import DataFile, find_data_files
 from raysparse.data.load import available_splits, data_file, read_rows
-from raysparse.data.schema import rows_to_dataset
+from raysparse.data.schema import rows_to_dataset, schema_of
 from raysparse.data.splits import RowSplit, check_seed, check_train_fraction, split_rows
 from raysparse.data.tasks import PIVOT_LANGUAGE, Task, get_task
 from raysparse.errors import RaysparseError
@@ -99,7 +99,7 @@ def training_data(
     task = get_task(task)
     if regime not in REGIMES:
         raise RaysparseError(f"data.regime: unknown regime '{regime}' (expected one of: {', '.join(REGIMES)})")
-    if not task.trainable:
+    if not schema_of(task).trainable:
         raise RaysparseError(
             f"data.regime: task '{task.name}' has no training data (retrieval is scored zero-shot from embeddings)"
         )
@@ -171,7 +171,7 @@ class _TaskFiles:
         return self._part(language, eval_split, "eval")
 
     def _is_split(self, language: str, split: str) -> bool:
-        if split == "train" or not self.task.trainable:
+        if split == "train" or not schema_of(self.task).trainable:
             return False
         if self.task.parallel:
             return True
@@ -214,7 +214,7 @@ class _TaskFiles:
             pivot_file = self._pivot(found) if self.task.parallel else found
             return pivot_file, self._load(pivot_file)
 
-        return self.task.strategy.group_keys(found, rows, pivot)
+        return schema_of(self.task).group_keys(found, rows, pivot)
 
     def _pivot(self, found: DataFile) -> DataFile:
         """The language whose rows key every parallel file of this split: English if present."""
@@ -223,4 +223,4 @@ class _TaskFiles:
         return data_file(self.task, pivot, found.split, self.data_dir)
 
     def _check_labelled(self, found: DataFile, data: LanguageData) -> None:
-        self.task.strategy.check_labelled(found, data.rows)
+        schema_of(self.task).check_labelled(found, data.rows)

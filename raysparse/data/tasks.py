@@ -49,18 +49,6 @@ class Task:
     def primary_metric(self) -> str:
         return self.metric_names[0]
 
-    @property
-    def strategy(self):
-        """What the task's kind decides (:class:`raysparse.data.kinds.Kind`)."""
-        from raysparse.data.kinds import kind_of
-
-        return kind_of(self)
-
-    @property
-    def trainable(self) -> bool:
-        """Retrieval is scored from raw embeddings; XTREME never fine-tunes on it."""
-        return self.strategy.trainable
-
 
 TASKS: dict[str, Task] = {
     task.name: task

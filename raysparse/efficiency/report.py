@@ -26,6 +26,7 @@ from torch import nn
 from raysparse.efficiency.latency import environment, measure_latency
 from raysparse.efficiency.memory import ResidentMemory, folder_bytes, resident_memory
 from raysparse.errors import RaysparseError, expect
+from raysparse.models.sources import load_encoder
 from raysparse.structure import Encoder, Size, measure, save_pruned
 
 POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert")   # positions start after the padding id
@@ -374,4 +375,16 @@ def bench(models: dict[str, nn.Module], batch_sizes=(1, 8), sequence_length: int
     return BenchReport(rows, env)
 
 
-__all__ = ["BenchReport", "BenchRow", "bench", "check_settings", "default_devices", "model_labels", "read_csv"]
+def bench_models(sources: list[str], batch_sizes=(1, 8), sequence_length: int = 128, *, warmup: int = 3,
+                 repeats: int = 20, threads: int | None = None, devices=None, memory: bool = True) -> BenchReport:
+    """:func:`bench` the models at ``sources`` ('embedded' or model folders, the first the baseline), named by
+    :func:`model_labels`. The settings are checked before any model loads, so a bad one costs no loading."""
+    devices = list(devices) if devices else default_devices()
+    check_settings(list(batch_sizes), sequence_length, repeats, warmup, threads, devices)
+    models = {label: load_encoder(source) for label, source in zip(model_labels(sources), sources)}
+    return bench(models, batch_sizes, sequence_length, warmup=warmup, repeats=repeats, threads=threads,
+                 devices=devices, memory=memory)
+
+
+__all__ = ["BenchReport", "BenchRow", "bench", "bench_models", "check_settings", "default_devices", "model_labels",
+           "read_csv"]

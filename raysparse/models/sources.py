@@ -11,7 +11,7 @@ from raysparse.errors import RaysparseError, first_line
 from raysparse.paths import hub_allowed
 from raysparse.structure import SUPPORTED_MODEL_TYPES, is_pruned_checkpoint, layout_for
 from raysparse.structure.adapters import recorded_retrieval_prompt, set_retrieval_prompt
-from raysparse.structure.checkpoint import checkpoint_retrieval_prompt
+from raysparse.structure.checkpoint import checkpoint_retrieval_prompt, read_sidecar
 
 EMBEDDED = "embedded"
 EMBEDDED_NAMES = (EMBEDDED, "embedded:multilingual-e5-small", "multilingual-e5-small")
@@ -60,6 +60,47 @@ def check_architecture(location: str, trust_remote_code: bool = False) -> str:
     config = _read_config(location, trust_remote_code)
     layout_for(config.model_type)
     return config.model_type
+
+
+def check_model(location: str, trust_remote_code: bool = False) -> None:
+    """What a model folder must hold before any worker loads it, checked without loading its weights:
+    a sidecar (``raysparse.json``) raysparse can read, a readable config of a supported architecture,
+    and safetensors files whose headers cover them (a truncated copy fails here, in one line)."""
+    path = Path(location)
+    pruned = path.is_dir() and is_pruned_checkpoint(path)
+    if pruned:
+        read_sidecar(path)
+    # raysparse's own folders are read with trust_remote_code=False (load_pruned), whatever the spec says
+    check_architecture(location, trust_remote_code and not pruned)
+    if path.is_dir():
+        check_weights(path)
+
+
+def check_weights(folder: Path) -> None:
+    """Every safetensors file of a model folder opens and its header covers the file."""
+    from safetensors import safe_open
+
+    files = [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            files += [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise RaysparseError(f"model.source: {index} is not a safetensors index "
+                                 "(expected JSON with a weight_map)") from None
+    for file in files:
+        if not file.is_file():
+            if file.name != "model.safetensors":
+                raise RaysparseError(f"model.source: {file} is missing (named in {index.name})")
+            continue
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise RaysparseError(f"model.source: {file} cannot be read ({first_line(exc)}); the file is corrupt or "
+                                 "truncated (expected a complete safetensors file)") from None
 
 
 def _embedded_prompt(location: str) -> str | None:
@@ -119,5 +160,5 @@ def load_tokenizer(source: str = EMBEDDED, trust_remote_code: bool = False):
         raise RaysparseError(f"model.source: cannot load a tokenizer from {location} ({first_line(exc)})") from None
 
 
-__all__ = ["EMBEDDED", "SUPPORTED_MODEL_TYPES", "check_architecture", "load_encoder", "load_tokenizer", "resolve_model",
-           "source_retrieval_prompt"]
+__all__ = ["EMBEDDED", "SUPPORTED_MODEL_TYPES", "check_architecture", "check_model", "check_weights", "load_encoder",
+           "load_tokenizer", "resolve_model", "source_retrieval_prompt"]

@@ -1,7 +1,8 @@
 """Run a search: Ray Tune + OptunaSearch over trials, one MLflow parent run, a Pareto front.
 
-Single objective: OptunaSearch (TPE) with optional ASHA early stopping on the stage
-index. Several objectives: Optuna's multi-objective samplers and no scheduler. The
+Single objective: OptunaSearch (TPE) with optional ASHA early stopping on quality after
+the same number of recovery steps. Several objectives: Optuna's multi-objective samplers
+and no scheduler. Every trial is marked with who suggested it (:mod:`raysparse.search.samplers`). The
 Tune experiment lives under ``storage/<name>``; ``resume=True`` restores it after the
 driver died (finished trials are not rerun; unfinished ones continue their checkpoints).
 """
@@ -9,11 +10,12 @@ driver died (finished trials are not rerun; unfinished ones continue their check
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raysparse.config import load_spec, parse
-from raysparse.errors import RaysparseError
+from raysparse.errors import RaysparseError, last_line
 from raysparse.metric_keys import AGGREGATES, AVG, languages_in, metric_key, parse_metric_key, task_keys, worst_of
 from raysparse.search.pareto import format_table, pareto_front, pareto_plot, quality_vs_sparsity_plot
 from raysparse.search.space import define_by_run
@@ -80,17 +82,6 @@ def as_search_spec(spec: SearchSpec | dict | str | Path) -> SearchSpec:
     return load_spec(spec, SearchSpec)
 
 
-def _sampler(spec: SearchSpec, multi: bool):
-    import optuna
-
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    if spec.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True,
-                                      n_startup_trials=max(2, min(10, spec.num_samples // 3)))
-
-
 def trial_resources(base) -> dict[str, float]:
     """What Tune reserves for a trial's own process: the whole trial when it runs in one process,
     else only its driver (the TorchTrainer reserves its workers)."""
@@ -99,28 +90,41 @@ def trial_resources(base) -> dict[str, float]:
     return {"cpu": TRIAL_DRIVER_CPU}
 
 
-def check_resources(spec: SearchSpec) -> None:
-    """A trial must fit the cluster; say so before any trial starts."""
-    import ray
+def trial_needs(base) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds: its own process and, unless it runs in one process, its workers."""
+    from raysparse.runner import run_needs
 
-    base = spec.base_spec()
-    needed = trial_resources(base)["cpu"] + (0 if one_process(base) else
-                                             base.resources.num_workers * base.resources.cpus_per_worker)
-    available = ray.cluster_resources().get("CPU", 0)
-    if needed > available:
-        raise RaysparseError(f"base.resources: a trial needs {needed:g} CPUs ({base.resources.num_workers} workers x "
-                             f"{base.resources.cpus_per_worker:g} + its driver) but the cluster has {available:g}")
-    if base.resources.use_gpu and ray.cluster_resources().get("GPU", 0) < base.resources.num_workers:
-        raise RaysparseError(f"base.resources.use_gpu: {base.resources.num_workers} GPUs needed, cluster has "
-                             f"{ray.cluster_resources().get('GPU', 0):g}")
+    own = trial_resources(base)
+    if one_process(base):
+        return own["cpu"], own["gpu"]
+    cpus, gpus = run_needs(base.resources)
+    return own["cpu"] + cpus, gpus
 
 
-def _row(result) -> dict:
+def concurrency(spec: SearchSpec, needs: tuple[float, float], capacity: dict[str, float], where: str,
+                warn: bool = True) -> int:
+    """How many trials run at once: ``max_concurrent``, or fewer where the cluster holds fewer (a
+    one-line warning on stderr says how many)."""
+    cpus, gpus = needs
+    fit = int(capacity["CPU"] // cpus) if cpus else spec.max_concurrent
+    if gpus:
+        fit = min(fit, int(capacity["GPU"] // gpus))
+    wanted = min(spec.max_concurrent, spec.num_samples)
+    if fit < wanted and warn:
+        print(f"warning: max_concurrent: {spec.max_concurrent} trials at a time asked, but a trial needs {cpus:g} "
+              f"CPUs and {where} has {capacity['CPU']:g}: {fit} will run at a time", file=sys.stderr, flush=True)
+    return min(wanted, fit)
+
+
+def _row(result, suggested: str = "?") -> dict:
+    """A trial's line: its values, metrics, who suggested it, and how it ended (done, error, or
+    stopped early by ASHA: its last report is an evaluation during recovery)."""
     metrics = result.metrics or {}
     config = result.config or {}
+    status = "error" if result.error else "stopped" if "recovery_step" in metrics else "done"
     row = {"trial": metrics.get("trial_id", "?"),
            "algorithm": config.get("pruning.algorithm", ""), "setting": config.get("pruning.setting", ""),
-           "status": "error" if result.error else "done"}
+           "status": status, "suggested_by": suggested}
     row.update({k: v for k, v in config.items() if not k.startswith("__")})
     row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return row
@@ -132,14 +136,21 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from raysparse.runner import ensure_ray, preflight, storage_join, storage_path
+    from raysparse.runner import check_cluster, connect_checked, preflight, storage_join, storage_path
+    from raysparse.search.samplers import make_sampler, suggested_by
     from raysparse.search.trial import run_trial
     from raysparse.tracking.server import resolve_tracking_uri
 
     spec = as_search_spec(spec)
-    base = check_search(spec)
+    check_search(spec)
+    base = spec.scheduled_base()
     preflight(base)
     preflight_trials(spec, base)
+    needs = trial_needs(base)   # a trial must fit the cluster: refused before Ray starts where it is local
+    what = f"a trial ({base.resources.num_workers} workers x {base.resources.cpus_per_worker:g} CPUs + its driver)"
+    local = check_cluster(address, *needs, "base.resources", what)
+    if local is not None:
+        concurrency(spec, needs, local, "this machine (a local Ray)")
     objectives = spec.resolved_objectives()
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
     key = spec_key(spec.model_dump(exclude={"num_samples", "max_concurrent"}))
@@ -151,6 +162,8 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
         raise RaysparseError(f"search: nothing to resume at {experiment_path} (run the search without --resume first)")
     # The same search again continues (or, when finished, just reports) instead of starting over.
     resume = resume or restorable
+    capacity = connect_checked(address, *needs, "base.resources", what)   # a named cluster: before MLflow
+    at_once = concurrency(spec, needs, capacity, "the cluster", warn=local is None)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     parent_run_id, resumed = open_run(tracking_uri, spec.tracking.experiment, key, spec.name,
                                       params={"search": {k: v for k, v in spec.model_dump().items() if k != "base"},
@@ -159,30 +172,30 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     # Runs report progress (stage, loss) before their objectives exist; objectives arrive
     # with the evaluate and finalize stages, so Tune must not demand them in every result.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    ensure_ray(address)
-    check_resources(spec)
     if verbose:
         print(f"search {spec.name}: {'resuming' if resume else 'starting'} {spec.num_samples} trials, "
-              f"{spec.max_concurrent} at a time; objectives {', '.join(f'{m} ({o})' for m, o in zip(metrics, modes))}; "
+              f"{at_once} at a time; objectives {', '.join(f'{m} ({o})' for m, o in zip(metrics, modes))}; "
               f"MLflow {tracking_uri} parent run {parent_run_id}", flush=True)
     context = {"name": spec.name, "key": key, "tracking_uri": tracking_uri, "experiment": spec.tracking.experiment,
                "parent_run_id": parent_run_id, "storage": storage}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(), search=context),
                                     trial_resources(base))
+    searcher = None
     if resume:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         multi = len(metrics) > 1
         searcher = objective_aware(OptunaSearch)(space=define_by_run(spec.space), metric=metrics if multi else metrics[0],
-                                mode=modes if multi else modes[0], sampler=_sampler(spec, multi),
+                                mode=modes if multi else modes[0], sampler=make_sampler(spec, multi),
                                 points_to_evaluate=spec.trials or None, seed=spec.seed)
         scheduler = None
         if spec.scheduler.type == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
-            scheduler = ASHAScheduler(time_attr="stage_index", metric=metrics[0], mode=modes[0], max_t=5,
-                                      grace_period=spec.scheduler.grace_period,
+            # trials report quality with "recovery_step" every grace_period steps; ASHA cuts at its rungs
+            scheduler = ASHAScheduler(time_attr="recovery_step", metric=metrics[0], mode=modes[0],
+                                      max_t=spec.max_recovery_steps(), grace_period=spec.grace_period(),
                                       reduction_factor=spec.scheduler.reduction_factor)
         tuner = tune.Tuner(
             trainable,
@@ -199,8 +212,10 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
         grid = tuner.fit()
     except Exception as exc:
         RunLogger(tracking_uri, parent_run_id).finish("FAILED")
-        raise RaysparseError(f"search {spec.name} failed: {_last_line(exc)} (resume with --resume)") from exc
-    rows = [_row(result) for result in grid]
+        raise RaysparseError(f"search {spec.name} failed: {last_line(exc)} (resume with --resume)") from exc
+    rows = [_row(result, suggested_by(searcher, result.metrics.get("trial_id")) if searcher else "?")
+            for result in grid]
+    _mark_stopped(rows, tracking_uri, parent_run_id)
     front = pareto_front([r for r in rows if r["status"] == "done"], metrics, modes)
     columns = _columns(spec, metrics, rows)
     result = SearchResult(spec.name, rows, front, list(zip(metrics, modes)), parent_run_id, tracking_uri, storage,
@@ -215,10 +230,30 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     return result
 
 
+def _mark_stopped(rows: list[dict], uri: str, parent_run_id: str) -> None:
+    """Trials ASHA stopped end with their process, their MLflow runs still RUNNING: end them KILLED,
+    tagged with the recovery step they reached."""
+    from raysparse.tracking.runs import client
+
+    stopped = {str(r["trial"]): r for r in rows if r["status"] == "stopped"}
+    if not stopped:
+        return
+    mlflow = client(uri)
+    parent = mlflow.get_run(parent_run_id)
+    children = mlflow.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    for run in children:
+        row = stopped.get(run.data.tags.get("raysparse.trial_id", ""))
+        if row is not None and run.info.status == "RUNNING":
+            mlflow.set_tag(run.info.run_id, "raysparse.stopped_early",
+                           f"ASHA at recovery step {int(row['recovery_step'])}")
+            mlflow.set_terminated(run.info.run_id, "KILLED")
+
+
 def _columns(spec: SearchSpec, metrics: list[str], rows: list[dict]) -> list[str]:
     wanted = ["trial", "algorithm", "setting", *[p for p in spec.space if p not in ("pruning.algorithm",
                                                                                    "pruning.setting")],
-              "encoder_sparsity", *metrics, "status"]
+              "encoder_sparsity", *metrics, "status", "suggested_by"]
     present = {k for r in rows for k in r}
     return [c for c in dict.fromkeys(wanted) if c in present]
 
@@ -231,7 +266,10 @@ def _log_search(result: SearchResult, task: str) -> None:
     log.text(result.pareto_table(), "search/pareto.txt")
     log.json({"objectives": result.objectives, "front": result.front, "trials": result.rows}, "search/pareto.json")
     log.metrics({"trials": len(result.rows), "pareto_size": len(result.front),
-                 "failed_trials": sum(r["status"] != "done" for r in result.rows)})
+                 "failed_trials": sum(r["status"] == "error" for r in result.rows),
+                 "stopped_trials": sum(r["status"] == "stopped" for r in result.rows),
+                 "sampler_suggested_trials": sum(r.get("suggested_by") not in ("fixed", "random", "?")
+                                                 for r in result.rows)})
     done = [r for r in result.rows if r["status"] == "done"]
     if len(metrics) >= 2 and done:
         log.figure(pareto_plot(done, result.front, metrics[1], metrics[0]), "search/pareto.png")
@@ -250,9 +288,3 @@ def _experiment_id(uri: str, name: str) -> str:
     from raysparse.tracking.runs import client, experiment_id
 
     return experiment_id(client(uri), name)
-
-
-def _last_line(exc: BaseException) -> str:
-    """Tune wraps errors in tracebacks; their last line says what happened."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__

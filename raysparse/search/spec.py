@@ -19,8 +19,11 @@ class Objective(Strict):
 
 
 class SchedulerConfig(Strict):
+    """ASHA stops weak trials early, comparing them on quality after the same number of recovery
+    steps (its resource): trials evaluate every ``grace_period`` steps (``recovery.evaluate_every``)."""
+
     type: Literal["none", "asha"] = "none"
-    grace_period: int = Field(1, ge=1)         # in stages (finetune=0 ... finalize=4)
+    grace_period: int | None = Field(None, ge=1)   # recovery steps before the first cut; default: a quarter
     reduction_factor: float = Field(2.0, gt=1)
 
 
@@ -33,6 +36,9 @@ class SearchSpec(Strict):
     num_samples: int = Field(4, ge=1)
     max_concurrent: int = Field(1, ge=1)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    # random trials before the sampler models the results (TPE's start-up trials, NSGA-II's
+    # population size); default num_samples // 3, between 2 and 10
+    startup_trials: int | None = Field(None, ge=2)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     trials: list[dict[str, Any]] = Field(default_factory=list)   # fixed trials evaluated first
     storage: str | None = None
@@ -52,6 +58,27 @@ class SearchSpec(Strict):
             raise ValueError(f"scheduler.type: asha takes one objective; got {len(self.objectives)} "
                              "(use type: none for multi-objective search)")
         return self
+
+    def max_recovery_steps(self) -> int:
+        """The most recovery steps any trial can take (ASHA's ``max_t``)."""
+        steps = self.base_spec().recovery.steps
+        param = self.space.get("recovery.steps")
+        if param is not None:
+            steps = max([steps, *(param.choice or []), *(param.int or ())])
+        return int(steps)
+
+    def grace_period(self) -> int:
+        """ASHA's first cut, in recovery steps."""
+        return self.scheduler.grace_period or max(1, self.max_recovery_steps() // 4)
+
+    def scheduled_base(self) -> RunSpec:
+        """The base spec trials run: under ASHA, evaluating every ``grace_period`` recovery steps."""
+        base = self.base_spec()
+        if self.scheduler.type != "asha" or base.recovery.evaluate_every:
+            return base
+        data = base.model_dump()
+        data["recovery"]["evaluate_every"] = self.grace_period()
+        return parse(RunSpec, data)
 
     def base_spec(self) -> RunSpec:
         try:

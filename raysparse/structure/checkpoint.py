@@ -96,8 +96,16 @@ def read_sidecar(directory: str | Path) -> dict:
         raise RaysparseError(f"checkpoint: {path} is missing (expected a folder written by raysparse)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RaysparseError(f"checkpoint: {path} is not valid JSON (corrupt checkpoint?)") from None
+    if not isinstance(sidecar, dict):
+        raise RaysparseError(f"checkpoint: {path} holds a JSON {type(sidecar).__name__}, not an object "
+                             "(expected the format, model_class and structure raysparse writes)")
     if sidecar.get("format") != FORMAT:
         raise RaysparseError(f"checkpoint: {path} has format {sidecar.get('format')!r}; expected {FORMAT!r}")
+    missing = [key for key, kind in (("model_class", str), ("structure", dict))
+               if not isinstance(sidecar.get(key), kind)]
+    if missing:
+        raise RaysparseError(f"checkpoint: {path} has no {' or '.join(missing)} "
+                             "(expected the model class and per-layer structure raysparse writes; corrupt checkpoint?)")
     return sidecar
 
 

@@ -83,9 +83,9 @@ def start_server(root: Path | None = None, host: str = "127.0.0.1", port: int | 
     raise RaysparseError(f"tracking: mlflow server did not answer on {uri} within {timeout:.0f}s; see {root / 'server.log'}")
 
 
-def ensure_server(root: Path | None = None, host: str = "127.0.0.1") -> str:
-    """The URI of the local server, starting it if none is running."""
-    return running_server(root) or start_server(root, host)
+def ensure_server(root: Path | None = None, host: str = "127.0.0.1", port: int | None = None) -> str:
+    """The URI of the local server (and of its UI), starting it on ``host``:``port`` if none is running."""
+    return running_server(root) or start_server(root, host, port)
 
 
 def stop_server(root: Path | None = None, timeout: float = 30.0) -> bool:

@@ -22,8 +22,8 @@ from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from raysparse.data.features import IGNORE_INDEX, eval_features, train_features
-from raysparse.data.kinds import KINDS
+from raysparse.data.features import IGNORE_INDEX
+from raysparse.data.kinds import KINDS, kind_of
 from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
 from raysparse.models.heads import TaskModel
@@ -35,7 +35,7 @@ MAX_LENGTH = {name: kind.max_length for name, kind in KINDS.items()}
 
 
 def default_max_length(task: str | Task) -> int:
-    return get_task(task).strategy.max_length
+    return kind_of(task).max_length
 
 
 def task_features(
@@ -49,17 +49,17 @@ def task_features(
 ) -> Dataset:
     """Unpadded inputs of ``rows`` for ``task``: training features (labels, answer positions) or,
     with ``train=False``, evaluation features (QA: windows with ``example_id``/``offset_mapping``)."""
-    task = get_task(task)
-    if not task.trainable:
+    task, kind = get_task(task), kind_of(task)
+    if not kind.trainable:
         raise RaysparseError(
             f"data.task: '{task.name}' is a retrieval task (scored from embeddings; it has no labelled batches)"
         )
     max_length = max_length or default_max_length(task)
-    if task.strategy.windows and stride >= max_length:
+    if kind.windows and stride >= max_length:
         raise RaysparseError(f"data.stride: {stride} (expected fewer tokens than max_length={max_length})")
-    build = train_features if train else eval_features
+    build = kind.train_features if train else kind.eval_features
     with quiet_datasets():
-        return build(task, rows, tokenizer, max_length, stride)
+        return build(rows, tokenizer, max_length, stride)
 
 
 @contextlib.contextmanager
@@ -181,8 +181,7 @@ def task_loader(
 
 def num_labels_of(task: str | Task) -> int:
     """Output classes of the task's head: labels (classification), tags (tagging), else 0."""
-    task = get_task(task)
-    return task.strategy.num_labels(task)
+    return kind_of(task).num_labels(task)
 
 
 def build_task_model(encoder: nn.Module, task: str | Task, seed: int | None = 0) -> TaskModel:

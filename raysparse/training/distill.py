@@ -16,6 +16,12 @@ is absent, so identical student and teacher give exactly zero.
 
 Hidden states are recorded with forward hooks on the encoder (embeddings output and every
 layer's output, after any gate hooks), so task models that do not return them work too.
+
+:class:`Distillation` plugs this into the training loop as a callback: it reshapes each
+pass's loss from the pass's batch and outputs, so recovery's objective stays the task loss.
+The teacher is frozen and in eval mode, so its soft targets on a batch never change: they
+can be computed once (:func:`target_outputs`) and cached for every trial that recovers on the
+same batches.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch import nn
 
 from raysparse.errors import RaysparseError
 from raysparse.structure import Encoder, Mask, structure_of
+from raysparse.training.loop import Callback, Forward
 
 Outputs = dict[str, Any]
 
@@ -108,15 +115,40 @@ def forward_outputs(model: nn.Module, batch: Any, hidden_states: bool = False,
 
 
 def teacher_outputs(teacher: nn.Module, batch: Any, hidden_states: bool = True,
-                    forward: Callable[[nn.Module, Any], Any] | None = None) -> Outputs:
-    """The teacher's outputs under ``no_grad`` in eval mode (its mode is restored)."""
+                    forward: Callable[[nn.Module, Any], Any] | None = None, dtype: str = "float32") -> Outputs:
+    """The teacher's outputs under ``no_grad`` in eval mode (its mode is restored), as float32.
+
+    ``dtype="bfloat16"`` runs it under autocast: about half the time where the hardware has
+    bfloat16 units (recent Xeons' AMX, Ampere and later GPUs), for targets that differ in the
+    third significant digit, which soft targets at temperature 2 do not notice."""
     was_training = teacher.training
     teacher.eval()
+    device = next(teacher.parameters()).device.type
     try:
-        with torch.no_grad():
-            return forward_outputs(teacher, batch, hidden_states, forward)
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            out = forward_outputs(teacher, batch, hidden_states, forward)
     finally:
         teacher.train(was_training)
+    return {k: _as_float(v) for k, v in out.items()}
+
+
+def _as_float(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, tuple):
+        return tuple(_as_float(v) for v in value)
+    return value
+
+
+TARGETS = ("logits", "start_logits", "end_logits", "embeddings")
+
+
+def target_outputs(teacher: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None,
+                   dtype: str = "float32") -> Outputs:
+    """The teacher's outputs that soft targets read (no loss, no hidden states), on the CPU: what
+    a cache of teacher targets stores per step."""
+    out = teacher_outputs(teacher, batch, hidden_states=False, forward=forward, dtype=dtype)
+    return {k: v.detach().cpu() for k, v in out.items() if k in TARGETS and isinstance(v, torch.Tensor)}
 
 
 def layer_map_for(student: nn.Module, teacher: nn.Module | None = None, mask: Mask | None = None) -> dict[int, int]:
@@ -215,22 +247,32 @@ def distillation_loss(student_out: Outputs, teacher_out: Outputs, temperature: f
     return torch.stack([t.reshape(()) for t in terms]).sum()
 
 
-def recovery_loss(student: nn.Module, teacher: nn.Module, batch: Any, task_loss: torch.Tensor, config,
-                  student_out: Outputs | None = None, layer_map: Mapping[int, int] | None = None,
-                  forward: Callable[[nn.Module, Any], Any] | None = None) -> torch.Tensor:
-    """The recovery objective with distillation, from a config with ``temperature``, ``alpha``, ``hidden``
-    and ``hidden_weight`` (``raysparse.config.DistillationConfig``).
+class Distillation(Callback):
+    """Distil the dense teacher during a training stage: each pass's loss becomes
+    ``alpha * soft + (1 - alpha) * task (+ hidden_weight * hidden)``.
 
-    ``student_out``: the outputs (with hidden states when ``config.hidden``) of the forward pass
-    that produced ``task_loss``; record them with :func:`forward_outputs`. Without them the
-    student runs once more here, which is fine on one worker but not under DDP (a parameter
-    may take part in only one forward per backward there).
+    ``config`` has ``temperature``, ``alpha``, ``hidden``, ``hidden_weight`` and optionally
+    ``teacher_dtype`` (``raysparse.config.DistillationConfig``). The stage's passes return a
+    :class:`~raysparse.training.loop.Forward` with their batch and outputs (with hidden states
+    when ``config.hidden``; record them with :func:`forward_outputs`), and, with several masks,
+    the key of ``layer_maps`` that matches the student's layers to the teacher's.
+    ``targets`` (step -> :func:`target_outputs`) replaces running the teacher when given.
     """
-    hidden = bool(getattr(config, "hidden", False))
-    if student_out is None:
-        student_out = forward_outputs(student, batch, hidden, forward)
-    teacher_out = teacher_outputs(teacher, batch, hidden, forward)
-    if hidden and layer_map is None:
-        layer_map = layer_map_for(student, teacher)
-    return distillation_loss(student_out, teacher_out, config.temperature, config.alpha,
-                             config.hidden_weight if hidden else 0.0, layer_map, task_loss=task_loss)
+
+    def __init__(self, teacher: nn.Module, config, layer_maps: Mapping[str | None, Mapping[int, int]] | None = None,
+                 targets: Mapping[int, Outputs] | None = None):
+        self.teacher, self.config, self.layer_maps, self.targets = teacher, config, layer_maps or {}, targets
+
+    def after_loss(self, step: int, forward: Forward) -> torch.Tensor:
+        if forward.outputs is None:
+            raise RaysparseError("distillation: the stage's passes return no outputs to distil into")
+        hidden = bool(self.config.hidden)
+        if self.targets is not None and not hidden:
+            device = forward.loss.device
+            teacher_out = {k: v.to(device) for k, v in self.targets[step].items()}
+        else:
+            teacher_out = teacher_outputs(self.teacher, forward.batch, hidden,
+                                          dtype=getattr(self.config, "teacher_dtype", "float32"))
+        return distillation_loss(forward.outputs, teacher_out, self.config.temperature, self.config.alpha,
+                                 self.config.hidden_weight if hidden else 0.0, self.layer_maps.get(forward.key),
+                                 task_loss=forward.loss)

@@ -25,14 +25,17 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from raysparse.data.kinds import kind_of
+from raysparse.data.load import available_splits, load_bucc_corpus
 from raysparse.data.load import languages as available_languages
-from raysparse.data.load import load_bucc_corpus
 from raysparse.data.metrics import aggregate, bucc_scores
 from raysparse.data.regimes import LanguageData, evaluation_data
 from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
 from raysparse.metric_keys import AGGREGATES, avg_key, metric_key, worst_key
 from raysparse.models.heads import HEADS, TaskModel
+from raysparse.models.sources import load_encoder, load_tokenizer
+from raysparse.paths import data_dir as resolve_data_dir
 from raysparse.structure import Mask, apply_mask, retrieval_prompt
 from raysparse.structure.adapters import E5_PROMPT
 from raysparse.training.batches import (
@@ -162,7 +165,7 @@ def evaluate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise RaysparseError(f"evaluate.batch_size: {batch_size!r} (expected a positive integer)")
     check_head(model, task)
-    if retrieval_prefix is None and task.strategy.embeds:
+    if retrieval_prefix is None and kind_of(task).embeds:
         retrieval_prefix = retrieval_prompt(model)
     if languages is None:
         languages = available_languages(task, data_dir)
@@ -205,10 +208,28 @@ def evaluate(
                             [language for language in data if language in masks])
 
 
+def evaluate_model(source: str, task: str | Task, languages: Sequence[str] | None = None, *,
+                   tokenizer: str | None = None, data_dir: str | os.PathLike | None = None,
+                   **options) -> EvaluationResult:
+    """:func:`evaluate` the model at ``source`` ('embedded', a model folder, a hub id), with the tokenizer of
+    ``tokenizer`` (default: ``source``'s); ``options`` are :func:`evaluate`'s.
+
+    The task, languages and data folder are checked before the model loads, and the model's head before its
+    tokenizer does, so that a bad input costs one line and no loading.
+    """
+    task = get_task(task)
+    for language in languages or []:
+        available_splits(task, language, data_dir)
+    resolve_data_dir(data_dir)
+    model = load_encoder(source)
+    check_head(model, task)
+    return evaluate(model, load_tokenizer(tokenizer or source), task, languages, data_dir=data_dir, **options)
+
+
 def check_head(model: nn.Module, task: str | Task) -> None:
     """Raise one line unless ``model`` can be scored on ``task`` (retrieval: any encoder)."""
     task = get_task(task)
-    if task.strategy.embeds:
+    if kind_of(task).embeds:
         return
     if not isinstance(model, TaskModel) or model.kind != task.kind or model.num_labels != num_labels_of(task):
         has = (f"a {model.kind} head with {model.num_labels} labels" if isinstance(model, TaskModel)
@@ -227,12 +248,13 @@ def _score(model, tokenizer, task: Task, rows: Dataset, data: LanguageData, *, d
            max_length, stride, prefix) -> dict[str, float]:
     if task.name == "bucc":
         return _score_bucc(model, tokenizer, data, data_dir, max_examples, batch_size, max_length, prefix)
-    if task.strategy.embeds:
+    kind = kind_of(task)
+    if kind.embeds:
         embeddings = {side: _embed_texts(model, tokenizer, list(rows[side]), batch_size, prefix, max_length).numpy()
                       for side in ("source", "target")}
-        return task.strategy.score(task, rows, None, embeddings)
+        return kind.score(task, rows, None, embeddings)
     features = task_features(task, tokenizer, rows, train=False, max_length=max_length, stride=stride)
-    return task.strategy.score(task, rows, features, _forward(model, tokenizer, features, batch_size))
+    return kind.score(task, rows, features, _forward(model, tokenizer, features, batch_size))
 
 
 def _forward(model: nn.Module, tokenizer, features: Dataset, batch_size: int) -> dict[str, list[np.ndarray]]:
@@ -319,4 +341,4 @@ def _score_bucc(model, tokenizer, data: LanguageData, data_dir, max_examples, ba
     return best
 
 
-__all__ = ["EvaluationResult", "RETRIEVAL_PREFIX", "check_head", "evaluate"]
+__all__ = ["EvaluationResult", "RETRIEVAL_PREFIX", "check_head", "evaluate", "evaluate_model"]

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from raysparse.data.tasks import Task, get_task
+from raysparse.data.kinds import kind_of
+from raysparse.data.tasks import Task
 from raysparse.training.batches import PaddingCollator
 
 # ``data`` below is a raysparse.training.taskdata.TaskData (which imports this module): it is read for its
@@ -73,7 +74,7 @@ OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (
 
 def objective_of(task: str | Task) -> Objective:
     """The objective ``task``'s kind trains with."""
-    return OBJECTIVES[get_task(task).strategy.objective]
+    return OBJECTIVES[kind_of(task).objective]
 
 
 __all__ = ["ContrastiveObjective", "HeadObjective", "OBJECTIVES", "Objective", "objective_of"]

@@ -7,9 +7,10 @@ from outside, so the loop never asks which algorithm or schedule is running:
   pass (one for ordinary training; several for Dynamic Sparsification's sandwich rule,
   where gradients of every sampled sub-network accumulate before one update);
 * :class:`Callback` s: learned importances (L0 gates, movement) add a regulariser and
-  read gradients, pruning schedules tighten masks between steps, checkpoints, progress
-  lines and MLflow logging watch the step counter (Lightning and Sheared-LLaMA keep
-  pruning out of the trainer the same way).
+  read gradients, distillation reshapes each pass's loss from its batch and outputs,
+  pruning schedules tighten masks between steps, checkpoints, progress lines and MLflow
+  logging watch the step counter (Lightning, Composer and Sheared-LLaMA keep pruning and
+  distillation out of the trainer the same way).
 
 Every update clips gradients and refuses a non-finite loss, whichever stage runs it.
 Steps are counted from ``start``, so a resumed stage continues at the step it stopped.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +31,20 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from raysparse.errors import RaysparseError
 
-Objective = Callable[[int], Sequence[Callable[[], torch.Tensor]]]
+
+
+@dataclass
+class Forward:
+    """What one pass computed, for callbacks that reshape its loss (distillation reads the batch
+    and the student's outputs): a pass closure returns this or a bare loss tensor."""
+
+    loss: torch.Tensor
+    batch: Any = None
+    outputs: dict | None = None
+    key: str | None = None     # which mask the pass trained (per-language recovery), if any
+
+
+Objective = Callable[[int], Sequence[Callable[[], "torch.Tensor | Forward"]]]
 
 
 class Callback:
@@ -43,6 +59,10 @@ class Callback:
 
     def on_step_start(self, step: int) -> None:
         """Before the forward passes of ``step`` (counting from 0)."""
+
+    def after_loss(self, step: int, forward: Forward) -> torch.Tensor:
+        """The loss of one pass as this callback reshapes it (distillation mixes in the teacher)."""
+        return forward.loss
 
     def extra_loss(self, step: int) -> torch.Tensor | None:
         """A term added to the first backward pass of ``step`` (a regulariser)."""
@@ -119,7 +139,11 @@ def train(model: nn.Module, objective: Objective, optimizer: Optimizer, schedule
             for index, compute in enumerate(passes):
                 last = index == len(passes) - 1
                 with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                    loss = compute()
+                    result = compute()
+                    forward = result if isinstance(result, Forward) else Forward(result)
+                    for callback in callbacks:
+                        forward.loss = callback.after_loss(step, forward)
+                    loss = forward.loss
                     if not torch.isfinite(loss):
                         raise RaysparseError(f"training: the loss became {float(loss.detach())} at step {step + 1} "
                                              "(expected a finite number; lower the learning rate?)")
@@ -188,4 +212,4 @@ class Every(Callback):
             self.action(step, loss)
 
 
-__all__ = ["Callback", "Every", "Objective", "Progress", "SeededSteps", "linear_schedule", "make_optimizer", "single", "train"]
+__all__ = ["Callback", "Every", "Forward", "Objective", "Progress", "SeededSteps", "linear_schedule", "make_optimizer", "single", "train"]

@@ -1,5 +1,8 @@
 """Fine-tune once, prune many: stage outputs that no pruning choice changes, stored once per key.
 
+Two stages are cached: the dense fine-tuned model, and the distillation teacher's outputs on
+the recovery batches (every trial of a search with the same seed and data recovers on the same
+batches from the same teacher, so only the first pays for the teacher's forward passes).
 The dense fine-tuned model depends on the model source (and its weights), the task, the data
 selection, the fine-tuning settings and the seed, never on the algorithm, sparsity, setting or
 recovery. :class:`StageCache` keeps such outputs under ``<storage>/cache/<stage>/<key>/``,
@@ -30,16 +33,54 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-STAGE_VERSION = {"finetune": 1}
+STAGE_VERSION = {"finetune": 1, "teacher-targets": 1}
 ENTRY = "entry.json"
-WEIGHTS = "model.safetensors"
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    hasher = hashlib.sha256()
+def file_digest(path: Path, chunk: int = 1 << 22, hasher=None) -> str:
+    hasher = hasher or hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             hasher.update(block)
+    return hasher.hexdigest()
+
+
+def entry_digest(folder: Path) -> str:
+    """SHA-256 over every file of an entry but its record (names and contents)."""
+    hasher = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ENTRY)
+    if not files:
+        raise OSError(f"stage cache: {folder} holds no files")
+    for p in files:
+        hasher.update(str(p.relative_to(folder)).encode())
+        file_digest(p, hasher=hasher)
+    return hasher.hexdigest()
+
+
+def tensors_digest(value: Any) -> str:
+    """SHA-256 of tensors and plain values nested in dicts, lists and tuples (a model's state dict, a
+    list of batches): a key for outputs computed from them."""
+    import torch
+
+    hasher = hashlib.sha256()
+
+    def visit(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            tensor = item.detach().cpu().contiguous()
+            hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, Mapping):
+            for name in sorted(item, key=str):
+                hasher.update(str(name).encode())
+                visit(item[name])
+        elif isinstance(item, (list, tuple)):
+            hasher.update(f"[{len(item)}".encode())
+            for element in item:
+                visit(element)
+        else:
+            hasher.update(repr(item).encode())
+
+    visit(value)
     return hasher.hexdigest()
 
 
@@ -89,7 +130,7 @@ class StageCache:
             return None
         try:
             record = json.loads(record_path.read_text())
-            intact = record.get("key") == key and file_digest(folder / WEIGHTS) == record.get("sha256")
+            intact = record.get("key") == key and entry_digest(folder) == record.get("sha256")
         except (OSError, ValueError):
             intact = False
         if not intact:
@@ -100,11 +141,11 @@ class StageCache:
 
     # --- writing -------------------------------------------------------------------------
     def put(self, stage: str, key: str, write: Callable[[Path], None], record: Mapping[str, Any]) -> dict:
-        """Write an entry with ``write(folder)`` (it must create ``model.safetensors``), atomically."""
+        """Write an entry with ``write(folder)`` (at least one file), atomically."""
         (self.root / stage).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root / stage))
         write(staging)
-        full = {**record, "key": key, "stage": stage, "sha256": file_digest(staging / WEIGHTS),
+        full = {**record, "key": key, "stage": stage, "sha256": entry_digest(staging),
                 "created": time.time(), "owner": self.owner}
         (staging / ENTRY).write_text(json.dumps(full, indent=1))
         target = self.folder(stage, key)
@@ -158,4 +199,4 @@ class StageCache:
             return True
 
 
-__all__ = ["STAGE_VERSION", "StageCache", "stage_key", "weights_digest"]
+__all__ = ["STAGE_VERSION", "StageCache", "stage_key", "tensors_digest", "weights_digest"]

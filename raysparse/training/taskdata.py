@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from raysparse.config import RunSpec
+from raysparse.data.kinds import kind_of
 from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
 from raysparse.training.batches import model_device, to_device
@@ -63,7 +64,7 @@ class TaskData:
         if language in self._features:
             return self._features[language]
         spec = self.spec
-        rows, self.sources[language] = self.task.strategy.training_rows(
+        rows, self.sources[language] = kind_of(self.task).training_rows(
             self.task, language, self.tokenizer, seed=spec.seed, train_fraction=spec.data.train_fraction,
             max_examples=spec.data.max_train_examples, max_length=spec.data.max_length, stride=spec.data.doc_stride,
             data_dir=spec.data.dir)

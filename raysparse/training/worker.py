@@ -35,8 +35,9 @@ from raysparse.errors import RaysparseError
 from raysparse.pruning import Selection, UnitScores, algorithm_for, cubic_sparsity, select_mask
 from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, retrieval_prompt, shrink
 from raysparse.structure.shrink import mask_rows_for
+from raysparse.training import mask_tuning
 from raysparse.training.finetune import freeze_word_embeddings
-from raysparse.training.loop import Callback, Every, Progress, SeededSteps, make_optimizer, single, train
+from raysparse.training.loop import Callback, Every, Forward, Progress, SeededSteps, make_optimizer, single, train
 from raysparse.training.session import RayTrainSession, Session
 from raysparse.training.state import (STAGES, RunState, load_optimizer, load_weights, read_optimizer, save_optimizer,
                                       save_weights)
@@ -321,15 +322,24 @@ class Run:
         self.fit("train", objective, optimizer, scheduler, total, callbacks,
                  progress=Progress("finetune", total, self.is_chief))
 
+    def _stage_cache(self):
+        """The stage cache (``<storage>/cache``) when outputs may be shared with other runs: one worker
+        (ranks see different batches) and a local storage folder; else None."""
+        from raysparse.training.stage_cache import StageCache, stage_key
+
+        if self.world_size > 1 or not self.storage or "://" in self.storage:
+            return None
+        owner = self.run_id or f"spec:{stage_key('finetune', {'spec': self.spec.model_dump()})}"
+        return StageCache(Path(self.storage) / "cache", owner=owner)
+
     def _finetune_cache(self, callbacks: list[Callback]):
         """(cache, key) when this fine-tuning depends on no pruning choice and may be shared, else None:
-        on, one worker, a fresh start, a local storage folder, no algorithm learning or schedule pruning
-        while it trains."""
-        from raysparse.training.stage_cache import StageCache, stage_key, weights_digest
+        on, a fresh start, no algorithm learning or schedule pruning while it trains."""
+        from raysparse.training.stage_cache import stage_key, weights_digest
 
         spec = self.spec
-        if (not spec.finetune.cache or spec.finetune.steps == 0 or callbacks or self.world_size > 1
-                or self.state.step or not self.storage or "://" in self.storage):
+        store = self._stage_cache()
+        if store is None or not spec.finetune.cache or spec.finetune.steps == 0 or callbacks or self.state.step:
             return None
         from raysparse.models.sources import resolve_model
         from raysparse.paths import data_dir
@@ -340,31 +350,38 @@ class Run:
                         "data": spec.data.model_dump(include={"regime", "train_fraction", "max_train_examples",
                                                                "max_length", "doc_stride"}),
                         "finetune": spec.finetune.model_dump(exclude={"cache"}), "seed": spec.seed}
-        owner = self.run_id or f"spec:{stage_key('finetune', {'spec': spec.model_dump()})}"
-        return StageCache(Path(self.storage) / "cache", owner=owner), stage_key("finetune", determinants)
+        return store, stage_key("finetune", determinants)
 
     def _finetune_through(self, cache, train) -> None:
         """Load the cached fine-tuned model, or train it (holding the key's lock) and store it."""
         store, key = cache
-        record = store.acquire("finetune", key)
+        weights = "model.safetensors"
+        self._through_cache(store, "finetune", key,
+                            compute=lambda alive: train([Every(5, lambda step, loss: alive())]),
+                            write=lambda folder: save_weights(self.model, folder / weights, self.frozen),
+                            load=lambda folder: load_weights(self.model, folder / weights, self.frozen))
+
+    def _through_cache(self, store, stage: str, key: str, compute, write, load) -> None:
+        """Load ``stage``'s entry under ``key``, or ``compute(alive)`` it while holding the key's lock
+        (calling ``alive()`` now and then keeps waiters from breaking it) and store it with
+        ``write(folder)``. MLflow records the hit or miss and the run that produced the entry."""
+        record = store.acquire(stage, key)
         if record is None:
             try:
-                train([Every(5, lambda step, loss: store.touch("finetune", key))])
-                record = store.put("finetune", key, lambda folder: save_weights(self.model, folder / "model.safetensors",
-                                                                                self.frozen),
-                                   {"run_id": self.run_id, "run": self.spec.name})
+                compute(lambda: store.touch(stage, key))
+                record = store.put(stage, key, write, {"run_id": self.run_id, "run": self.spec.name})
             finally:
-                store.release("finetune", key)
+                store.release(stage, key)
             hit = False
         else:
-            load_weights(self.model, Path(record["folder"]) / "model.safetensors", self.frozen)
+            load(Path(record["folder"]))
             hit = True
         if self.is_chief:
-            print(f"[finetune] cache {'hit' if hit else 'miss'}: {record['folder']}", flush=True)
-        self.state.metrics["cache/finetune/hit"] = float(hit)
-        self.log.metrics({"cache/finetune/hit": float(hit)})
-        self.log.tags({"raysparse.cache.finetune": "hit" if hit else "miss", "raysparse.cache.finetune.key": key,
-                       "raysparse.cache.finetune.producer": record.get("run_id") or record.get("owner")})
+            print(f"[{stage}] cache {'hit' if hit else 'miss'}: {record['folder']}", flush=True)
+        self.state.metrics[f"cache/{stage}/hit"] = float(hit)
+        self.log.metrics({f"cache/{stage}/hit": float(hit)})
+        self.log.tags({f"raysparse.cache.{stage}": "hit" if hit else "miss", f"raysparse.cache.{stage}.key": key,
+                       f"raysparse.cache.{stage}.producer": record.get("run_id") or record.get("owner")})
 
     def _evaluate_dense(self) -> None:
         """The fine-tuned dense model's quality, as ``dense/<task>/<lang>/<metric>`` (the reference of a share)."""
@@ -378,6 +395,7 @@ class Run:
         keys = [SHARED] if spec.pruning.setting == "shared" else list(self.languages["scoring"])
         rounds = spec.pruning.iterations if spec.pruning.schedule == "iterative" else 1
         between_steps = spec.recovery.steps // (rounds + 1) if rounds > 1 else 0
+        mask_tuning.keep_dense_reference(self)
         for round_index in range(self.state.prune_round, rounds):
             target = spec.pruning.sparsity * (round_index + 1) / rounds
             for key in keys:
@@ -400,6 +418,7 @@ class Run:
                     print(f"[prune] round {round_index + 1}/{rounds} {key}: sparsity {target:.3f}, {mask.summary()}",
                           flush=True)
             self._shrink_to_masks()
+            mask_tuning.tune_after_shrink(self, round_index)   # pruning.mask_tuning: rescale kept units
             if round_index + 1 < rounds and between_steps:
                 self._recover(between_steps, "recover-between", resumable=False)
             self.state.prune_round = round_index + 1
@@ -415,7 +434,10 @@ class Run:
         self.ddp = self._wrap(self.model)
 
     def _recover(self, steps: int, stage: str, resumable: bool = True) -> None:
-        """Train the shrunk model; with per-language masks, each batch's language gates what it drops."""
+        """Train the shrunk model; with per-language masks, each batch's language gates what it drops.
+        Distillation from the dense teacher plugs in as a callback on the task loss."""
+        from raysparse.training.distill import Distillation, forward_outputs, layer_map_for
+
         spec, distill = self.spec, self.spec.recovery.distillation
         keys = sorted(self.state.masks)
         pools = {key: self.data.pool(self.languages["scoring"] if key == SHARED else [key]) for key in keys}
@@ -423,34 +445,92 @@ class Run:
         # with one mask, the shrunk model is exactly the kept network and needs no gates
         partial = len(keys) > 1 or not spec.recovery.shrink
         gates = UnitGates()
-        layer_maps = {}
-        if distill.enabled and distill.hidden and self.teacher is not None:
-            from raysparse.training.distill import layer_map_for
+        distilling = distill.enabled and self.teacher is not None
+        hidden = distilling and distill.hidden
 
-            layer_maps = {key: layer_map_for(self.model, self.teacher, self.state.masks[key]) for key in keys}
-
-        def loss(step: int) -> torch.Tensor:
+        def batch_at(step: int) -> tuple[str, object]:
             key = keys[step % len(keys)]
+            return key, self.data.batch(pools[key], step, spec.finetune.batch_size,
+                                        salt=2000 + zlib.crc32(key.encode()) % 997)
+
+        def loss(step: int) -> Forward:
+            key, batch = batch_at(step)
             if partial:
                 gates.heads, gates.neurons, gates.layers = (gate_rows[key].heads, gate_rows[key].neurons,
                                                             gate_rows[key].layers)
-            batch = self.data.batch(pools[key], step, spec.finetune.batch_size,
-                                    salt=2000 + zlib.crc32(key.encode()) % 997)
-            return self._recovery_loss(batch, distill, layer_maps.get(key))
+            if not distilling:
+                return Forward(self.data.loss(self.ddp, batch))
+            # one student forward (DDP allows one per backward): the task loss and distillation share it
+            outputs = forward_outputs(self.ddp, batch, hidden_states=hidden)
+            return Forward(self.data.loss_of(outputs), batch, outputs, key)
 
+        callbacks: list[Callback] = []
+        if distilling:
+            layer_maps = ({key: layer_map_for(self.model, self.teacher, self.state.masks[key]) for key in keys}
+                          if hidden else {})
+            targets = self._teacher_targets(batch_at, steps, stage) if not hidden and distill.cache_targets else None
+            callbacks.append(Distillation(self.teacher, distill, layer_maps, targets))
         optimizer, scheduler = self.optimizer(spec.recovery.learning_rate, steps, 0.0, resume=resumable)
+        if resumable and spec.recovery.evaluate_every:
+            def evaluate(step: int, loss: float) -> None:
+                if step < steps:   # the evaluate stage measures the end
+                    self._evaluate_during_recovery(step, gates, optimizer, scheduler)
+
+            callbacks.append(Every(spec.recovery.evaluate_every, evaluate))
         with attach_gates(self.model, gates) if partial else contextlib.nullcontext():
-            self.fit(stage, single(loss), optimizer, scheduler, steps, resumable=resumable)
+            self.fit(stage, single(loss), optimizer, scheduler, steps, callbacks, resumable=resumable)
 
-    def _recovery_loss(self, batch, distill, layer_map) -> torch.Tensor:
-        if not distill.enabled or self.teacher is None:
-            return self.data.loss(self.ddp, batch)
-        from raysparse.training import distill as distillation
+    def _evaluate_during_recovery(self, step: int, gates: UnitGates, optimizer, scheduler) -> None:
+        """Quality after ``step`` recovery steps, as curves in MLflow and a report with ``recovery_step``
+        (the resource ASHA compares trials on; Tune may stop the trial at this report). Per-language
+        gates are lifted while each language's own mask is applied by the evaluation."""
+        self.state.step = step   # the report's checkpoint resumes after this step
+        held = gates.heads, gates.neurons, gates.layers
+        gates.heads = gates.neurons = gates.layers = None
+        metrics: dict = {}
+        try:
+            if self.is_chief:
+                metrics = self._evaluate(self._masks_per_language()).metrics
+                self.log.metrics(metrics, step=step)
+        finally:
+            gates.heads, gates.neurons, gates.layers = held
+            self.model.train()
+        self.report({**metrics, "recovery_step": float(step)}, optimizer, scheduler)
 
-        # one student forward (DDP allows one per backward): task loss and distillation share it
-        outputs = distillation.forward_outputs(self.ddp, batch, hidden_states=distill.hidden)
-        return distillation.recovery_loss(self.ddp, self.teacher, batch, self.data.loss_of(outputs), distill,
-                                          student_out=outputs, layer_map=layer_map)
+    def _teacher_targets(self, batch_at, steps: int, stage: str) -> dict | None:
+        """The teacher's soft targets for every step of a recovery stage, from the stage cache (keyed by
+        the teacher's weights and the batches themselves) or computed once and stored; None without
+        a cache (the teacher then runs beside the student)."""
+        from raysparse.training.distill import target_outputs
+        from raysparse.training.stage_cache import stage_key, tensors_digest
+
+        store = self._stage_cache()
+        if store is None:
+            return None
+        batches = [batch_at(step)[1] for step in range(steps)]
+        key = stage_key("teacher-targets", {"teacher": tensors_digest(self.teacher.state_dict()),
+                                            "batches": tensors_digest(batches),
+                                            "dtype": self.spec.recovery.distillation.teacher_dtype})
+        targets: dict[int, dict] = {}
+        file = "targets.safetensors"
+
+        def compute(alive) -> None:
+            for step, batch in enumerate(batches):
+                targets[step] = target_outputs(self.teacher, batch, dtype=self.spec.recovery.distillation.teacher_dtype)
+                if step % 10 == 0:
+                    alive()
+
+        def write(folder: Path) -> None:
+            save_file({f"{step}/{name}": value.contiguous() for step, out in targets.items()
+                       for name, value in out.items()}, str(folder / file))
+
+        def load(folder: Path) -> None:
+            for name, value in load_file(str(folder / file)).items():
+                step, _, output = name.partition("/")
+                targets.setdefault(int(step), {})[output] = value
+
+        self._through_cache(store, "teacher-targets", key, compute, write, load)
+        return targets
 
     def recover(self) -> None:
         spec = self.spec
@@ -471,13 +551,17 @@ class Run:
                         skip_examples=spec.data.skip_eval_examples, seed=spec.seed,
                         train_fraction=spec.data.train_fraction, masks=masks)
 
+    def _masks_per_language(self) -> dict:
+        """Each evaluation language's mask (the shared one for all, or its own)."""
+        masks, languages = self.state.masks, self.languages["evaluation"]
+        if SHARED in masks:
+            return {lang: masks[SHARED] for lang in languages}
+        return {lang: masks[lang] for lang in languages if lang in masks}
+
     def evaluate(self) -> None:
         """Rank 0 evaluates every language, each with its own mask (or the shared one)."""
         if self.is_chief:
-            masks = self.state.masks
-            per_language = ({lang: masks[SHARED] for lang in self.languages["evaluation"]} if SHARED in masks
-                            else {lang: masks[lang] for lang in self.languages["evaluation"] if lang in masks})
-            result = self._evaluate(per_language)
+            result = self._evaluate(self._masks_per_language())
             self.state.metrics.update(result.metrics)
             self.state.sources.update({f"eval.{k}": v for k, v in result.sources.items()})
             self.state.sources.update({f"train.{k}": v for k, v in self.data.sources.items()})
