@@ -216,6 +216,10 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     rows = [_row(result, suggested_by(searcher, result.metrics.get("trial_id")) if searcher else "?")
             for result in grid]
     _mark_stopped(rows, tracking_uri, parent_run_id)
+    for row in rows:   # with data.evaluate_dense, the first objective as a share of the dense model's
+        dense = row.get(f"dense/{metrics[0]}")
+        if dense and isinstance(row.get(metrics[0]), (int, float)):
+            row["share_of_dense"] = row[metrics[0]] / dense
     front = pareto_front([r for r in rows if r["status"] == "done"], metrics, modes)
     columns = _columns(spec, metrics, rows)
     result = SearchResult(spec.name, rows, front, list(zip(metrics, modes)), parent_run_id, tracking_uri, storage,
@@ -225,8 +229,8 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
         print(f"\nall trials ({len(rows)}):\n{result.table()}\n\nPareto front ({len(front)}):\n{result.pareto_table()}")
         print(f"\nper language ({metrics[0].split('/')[-1] if '/' in metrics[0] else metrics[0]}):\n"
               f"{result.language_table(base.data.task)}")
-        print(f"\nOpen the results in the MLflow UI: {tracking_uri}/#/experiments/"
-              f"{_experiment_id(tracking_uri, spec.tracking.experiment)}   (or run: raysparse ui)")
+        print(f"\nOpen the trials in the MLflow UI: {runs_table_url(tracking_uri, spec.tracking.experiment)}"
+              "   (or run: raysparse ui)")
     return result
 
 
@@ -253,7 +257,7 @@ def _mark_stopped(rows: list[dict], uri: str, parent_run_id: str) -> None:
 def _columns(spec: SearchSpec, metrics: list[str], rows: list[dict]) -> list[str]:
     wanted = ["trial", "algorithm", "setting", *[p for p in spec.space if p not in ("pruning.algorithm",
                                                                                    "pruning.setting")],
-              "encoder_sparsity", *metrics, "status", "suggested_by"]
+              "encoder_sparsity", *metrics, "share_of_dense", "status", "suggested_by"]
     present = {k for r in rows for k in r}
     return [c for c in dict.fromkeys(wanted) if c in present]
 
@@ -284,7 +288,9 @@ def _log_search(result: SearchResult, task: str) -> None:
 __all__ = ["SearchResult", "as_search_spec", "search"]
 
 
-def _experiment_id(uri: str, name: str) -> str:
+def runs_table_url(uri: str, experiment: str) -> str:
+    """The experiment's runs table in the MLflow UI (experiments are created as the kind whose page
+    is the runs table, not MLflow 3's GenAI overview)."""
     from raysparse.tracking.runs import client, experiment_id
 
-    return experiment_id(client(uri), name)
+    return f"{uri}/#/experiments/{experiment_id(client(uri), experiment)}/runs"

@@ -48,6 +48,9 @@ def client(uri: str):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
 def experiment_id(mlflow_client, name: str) -> str:
     existing = mlflow_client.get_experiment_by_name(name)
     if existing is not None:
@@ -55,7 +58,8 @@ def experiment_id(mlflow_client, name: str) -> str:
             mlflow_client.restore_experiment(existing.experiment_id)
         return existing.experiment_id
     try:
-        return mlflow_client.create_experiment(name)
+        # MLflow 3's UI opens an experiment of this kind on its runs table (not the GenAI overview)
+        return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND: "custom_model_development"})
     except Exception:  # created concurrently by another process
         existing = mlflow_client.get_experiment_by_name(name)
         if existing is None:
