@@ -19,10 +19,16 @@ shrunk/dense and gated/dense, and Tatoeba top-1 after recovery for gated and shr
 ``--eval-pairs`` pairs of every language present). Targets (issue 14): shrunk/dense <= 0.55 at
 50% sparsity; shrunk quality within 1 point of gated.
 
-Measured 2026-12-02 (2 threads, idle machine, 20 steps): with the spec's distillation dense 3409,
-gated 4761, shrunk 1959 ms/step (shrunk/dense 0.57, gated/dense 1.40), Tatoeba avg gated 0.767,
-shrunk 0.775 (+0.8 points); without distillation (``--distill off``) 2517 / 2508 / 1308 ms
-(shrunk/dense 0.52). The teacher's forward pass, the same in every variant, is the difference.
+Measured 2026-12-02, session 5 (2 threads, idle, 20 steps, a CPU without AMX): with the spec's
+distillation dense 3409, gated 4761, shrunk 1959 ms/step (shrunk/dense 0.57), Tatoeba avg gated 0.767,
+shrunk 0.775; without distillation 2517 / 2508 / 1308 (0.52).
+Measured 2026-12-02, session 6 (2 threads, idle, 16 steps, a Xeon with AMX: every step about 2.5x
+faster, so what does not shrink weighs more): ``--teacher-dtype bfloat16``: dense 1328, gated 1405,
+shrunk 898 ms/step (shrunk/dense 0.68, gated/dense 1.06); Tatoeba avg gated 0.763, shrunk 0.768 (+0.4).
+``--teacher-dtype bfloat16 --hidden off --no-eval``: dense 1289, shrunk 860 (0.67); with cached teacher
+targets dense 1199, shrunk 733 (0.61; computing them once took 190 ms per step). A bare step without
+a teacher (forward / backward / AdamW): dense 500 / 524 / 45 ms, shrunk 336 / 306 / 29 ms (0.63):
+at 50% encoder sparsity this CPU does not halve a step, whatever the loop does around it.
 
     .venv/bin/python experiments/bench/recovery_cost.py --steps 20            # ~20 min on 2 cores
     .venv/bin/python experiments/bench/recovery_cost.py --steps 10 --eval-pairs 50 --languages de,fr,ru
