@@ -40,7 +40,9 @@ def cmd_prune(args) -> None:
         import yaml
 
         spec = raysparse.prune_spec(args.model, args.sparsity, args.algorithm, **options)
-        print(yaml.safe_dump(spec.model_dump(exclude_defaults=True), sort_keys=False), end="")
+        data = spec.model_dump(exclude_defaults=True)
+        data.setdefault("pruning", {})["schedule"] = spec.pruning.schedule   # the tag, even where it is a default
+        print(yaml.safe_dump(data, sort_keys=False), end="")
         return
     result = raysparse.prune(args.model, args.sparsity, args.algorithm, out=args.out, **options)
     print()

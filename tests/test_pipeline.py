@@ -221,3 +221,22 @@ def test_concurrent_runs_needing_one_missing_key_compute_it_once(tmp_path):
     assert (tmp_path / "count").read_text() == "x"
     assert len({results.get(timeout=5) for _ in workers}) == 1
     assert not (tmp_path / "cache" / "finetune" / "k.lock").exists()
+
+
+@pytest.mark.timeout(300)
+def test_every_stage_charges_its_cost_and_unfrozen_word_embeddings_train(tiny_model_dir):
+    """``cost/<stage>/{wall_s,cpu_s}`` are positive for every stage; ``finetune.freeze_word_embeddings:
+    false`` trains the word-embedding table, the default leaves it as loaded."""
+    from raysparse.structure import Encoder
+
+    loaded = Encoder(raysparse.load_model(str(tiny_model_dir))).embeddings.word_embeddings.weight.detach().clone()
+    frozen = run_in_process(tiny_spec(tiny_model_dir, "frozen"))
+    spec = tiny_spec(tiny_model_dir, "unfrozen")
+    spec["finetune"]["freeze_word_embeddings"] = False
+    trained = run_in_process(spec)
+    for stage in ("finetune", "prune", "recover", "evaluate", "finalize"):
+        for kind in ("wall_s", "cpu_s"):
+            assert frozen.state.metrics[f"cost/{stage}/{kind}"] > 0, (stage, kind)
+    table = lambda run: Encoder(run.model).embeddings.word_embeddings.weight.detach()  # noqa: E731
+    assert torch.equal(table(frozen), loaded)
+    assert not torch.equal(table(trained), loaded)

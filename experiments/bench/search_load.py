@@ -1,19 +1,26 @@
-"""Load: a search of many short trials over a local multi-node Ray cluster.
+"""Load: searches of many short trials over a local multi-node Ray cluster.
 
 Starts its own cluster (`raysparse.cluster.LocalCluster`: a head and worker nodes on loopback)
 and its own MLflow server, builds a tiny random BERT with the real (trimmed) tokenizer, so a
-trial costs what Ray, Ray Train and MLflow cost rather than what a model costs, and runs a
-search of --trials trials, --concurrent at a time. Then it checks, over MLflow's REST API,
-that every trial's run and metrics arrived exactly once, and prints:
+trial costs what Ray, Tune and MLflow cost rather than what a model costs, and runs a search of
+--trials trials --concurrent at a time, after a first search of --single trials one at a time.
+Trials have one worker, so each runs in its Tune trial's own process; they log their pruned
+model (`log_models: one`, lean: without the tensors the base model holds). Then it checks, over
+MLflow's REST API, that every trial's run and metrics arrived exactly once, and prints per search:
 
   trials per minute          finished trials / wall time of the search
-  scheduling overhead/trial  a trial's MLflow run time (opened when the trial starts, closed
-                             when its TorchTrainer returns) minus its own work: the sum of
-                             its stages' wall time (cost/<stage>/wall_s, measured in the worker)
+  overhead/trial             a trial's MLflow run time minus its own work: the sum of its
+                             stages' wall time (cost/<stage>/wall_s, measured where it ran),
+                             finalize included
+  cache hits                 trials that loaded the fine-tuned model from the stage cache
+  bytes logged/trial         artifacts of a trial's MLflow run, against one full model copy
   tracking server            how long /health and runs/search took to answer during the search
 
-Usage:  .venv/bin/python experiments/bench/search_load.py [--trials 64] [--concurrent 8] [--nodes 4]
-Takes about 20 minutes for 64 trials on 2 cores (measured: 1241 s). Not a test: nothing is timed in tests.
+Targets (issue 15): overhead median <= 5 s at 1 concurrent and <= 15 s at 8 concurrent; trials per
+minute >= 3x the 3.26 measured before (9.8); bytes per trial <= 20% of a full model copy.
+
+Usage:  .venv/bin/python experiments/bench/search_load.py [--trials 64] [--concurrent 8] [--nodes 4] [--single 8]
+Not a test: nothing is timed in tests.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 STAGES = ("finetune", "prune", "recover", "evaluate", "finalize")
-TRIAL_MEMORY_GB = 1.3      # a trial's driver, its Train controller and its worker: each imports torch
+TRIAL_MEMORY_GB = 0.7      # a one-process trial: one Python process that imports torch
 ONCE = ("xnli/avg/accuracy", "xnli/worst/accuracy", "encoder_sparsity", "params/total")   # logged at the end
 
 
@@ -72,14 +79,14 @@ class Prober(threading.Thread):
             self.stop.wait(0.5)
 
 
-def spec_for(args, model_dir: Path, uri: str, storage: Path, name: str) -> dict:
+def spec_for(trials: int, concurrent: int, model_dir: Path, uri: str, storage: Path, name: str) -> dict:
     base = {"model": {"source": str(model_dir)},
             "data": {"task": "xnli", "languages": ["en", "de"], "max_train_examples": 16, "max_eval_examples": 8,
                      "max_length": 32},
             "finetune": {"steps": 2, "batch_size": 4}, "pruning": {"algorithm": "magnitude", "scoring_examples": 4},
             "recovery": {"steps": 1}, "efficiency": {"latency": False},
-            "resources": {"num_workers": 1, "checkpoint_every": 50}, "tracking": {"log_models": "none"}}
-    return {"name": name, "num_samples": args.trials, "max_concurrent": args.concurrent, "sampler": "random",
+            "resources": {"num_workers": 1, "checkpoint_every": 50}, "tracking": {"log_models": "one"}}
+    return {"name": name, "num_samples": trials, "max_concurrent": concurrent, "sampler": "random",
             "objectives": [{"metric": "xnli/avg/accuracy", "mode": "max"}],
             "space": {"pruning.sparsity": {"uniform": [0.2, 0.7]}}, "base": base,
             "tracking": {"uri": uri, "experiment": name}, "storage": str(storage)}
@@ -113,6 +120,15 @@ def check_exactly_once(uri: str, experiment_id: str, trials: int) -> tuple[list[
     return parents, children
 
 
+def artifact_bytes(uri: str, run_id: str, path: str = "") -> int:
+    """Bytes of every artifact a run logged (MLflow's artifact listing, recursively)."""
+    listing = rest(uri, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}" + (f"&path={quote(path)}" if path else ""))
+    total = 0
+    for entry in listing.get("files", []):
+        total += (artifact_bytes(uri, run_id, entry["path"]) if entry.get("is_dir") else int(entry.get("file_size", 0)))
+    return total
+
+
 def available_memory_gb() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -125,11 +141,64 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def one_search(label: str, trials: int, concurrent: int, model_dir: Path, uri: str, root: Path, cluster,
+               full_model_bytes: int) -> dict:
+    """One search over the cluster; its figures, printed."""
+    from raysparse.search import search
+    from raysparse.tracking.runs import client, experiment_id
+
+    name = f"search-load-{label}-{int(time.time())}"
+    exp_id = experiment_id(client(uri), name)
+    prober = Prober(uri, exp_id)
+    prober.start()
+    t0 = time.time()
+    result = search(spec_for(trials, concurrent, model_dir, uri, root / "storage", name), address=cluster.address,
+                    verbose=False)
+    wall = time.time() - t0
+    prober.stop.set()
+    prober.join()
+    names = {v: k for k, v in cluster.node_ids().items()}
+    parents, children = check_exactly_once(uri, exp_id, trials)
+    assert all(r["status"] == "done" for r in result.rows), [r for r in result.rows if r["status"] != "done"]
+    # Own work: every stage's wall time as the trial measured it (its last report carries all five).
+    work_of = {r["trial"]: sum(r.get(f"cost/{stage}/wall_s", 0.0) for stage in STAGES) for r in result.rows}
+    hits = sum(r.get("cache/finetune/hit", 0.0) for r in result.rows)
+    trial_id = lambda r: next(t["value"] for t in r["data"]["tags"] if t["key"] == "raysparse.trial_id")
+    work = [work_of[trial_id(r)] for r in children]
+    run_time = [(int(r["info"]["end_time"]) - int(r["info"]["start_time"])) / 1000 for r in children]
+    overhead = [t - w for t, w in zip(run_time, work)]
+    logged = [artifact_bytes(uri, r["info"]["run_id"]) for r in children]
+    nodes = Counter(names.get(next((t["value"] for t in r["data"]["tags"] if t["key"] == "raysparse.node_id"), ""),
+                              "this process") for r in children)
+    ms = lambda values, q: 1000 * percentile(values, q)
+    figures = {"trials_per_minute": trials / wall * 60, "overhead_median": statistics.median(overhead),
+               "bytes_share": statistics.median(logged) / full_model_bytes, "hits": hits}
+    print(f"\n[{label}] search of {trials} trials, {concurrent} at a time, over {len(cluster.nodes)} nodes")
+    print(f"  wall time                   {wall:8.1f} s")
+    print(f"  trials per minute           {figures['trials_per_minute']:8.2f}")
+    print(f"  per trial (median, p90)     run {statistics.median(run_time):.1f} s, {percentile(run_time, .9):.1f} s; "
+          f"own work {statistics.median(work):.1f} s, {percentile(work, .9):.1f} s")
+    print(f"  overhead/trial              {statistics.median(overhead):8.1f} s median, "
+          f"{statistics.mean(overhead):.1f} s mean, {percentile(overhead, .9):.1f} s p90 (run time - own work)")
+    print(f"  cache hits                  {hits:.0f} of {trials} trials loaded the fine-tuned model")
+    print(f"  bytes logged/trial          {statistics.median(logged) / 1e6:.2f} MB median "
+          f"({figures['bytes_share']:.1%} of a full model copy, {full_model_bytes / 1e6:.2f} MB)")
+    print(f"  tracking server             /health median {ms(prober.health, .5):.0f} ms, p99 "
+          f"{ms(prober.health, .99):.0f} ms, max {ms(prober.health, 1):.0f} ms ({len(prober.health)} probes); "
+          f"runs/search median {ms(prober.search, .5):.0f} ms, max {ms(prober.search, 1):.0f} ms; "
+          f"{prober.failures} failed")
+    print(f"  exactly once                {len(children)} trial runs, {len(children)} trial ids, {len(parents)} parent; "
+          f"{', '.join(ONCE)} logged once each")
+    print(f"  trials per node             {', '.join(f'{k}: {v}' for k, v in sorted(nodes.items()))}", flush=True)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--concurrent", type=int, default=8)
     parser.add_argument("--nodes", type=int, default=4, help="head + workers")
+    parser.add_argument("--single", type=int, default=8, help="trials of the first search, one at a time (0: none)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (storage, MLflow, logs)")
     args = parser.parse_args()
 
@@ -138,77 +207,48 @@ def main() -> None:
     from raysparse.cluster import LocalCluster, LocalClusterSpec, NodeSpec
     from raysparse.models.tiny import make_tiny_encoder
     from raysparse.runner import ensure_ray
-    from raysparse.search import search
-    from raysparse.search.driver import TRIAL_DRIVER_CPU
     from raysparse.tracking.server import start_server, stop_server
 
     available = available_memory_gb()
     if available < TRIAL_MEMORY_GB * args.concurrent + 2:
         print(f"warning: {available:.1f} GB of memory available; {args.concurrent} trials at once take about "
-              f"{TRIAL_MEMORY_GB * args.concurrent:.0f} GB (three processes that import torch each) plus the "
-              "cluster's own: expect Ray to kill workers for memory, and trials to be retried", flush=True)
+              f"{TRIAL_MEMORY_GB * args.concurrent:.0f} GB plus the cluster's own: expect Ray to kill workers for "
+              "memory, and trials to be retried", flush=True)
     root = Path(tempfile.mkdtemp(prefix="rs-load-"))
-    cpus = math.ceil(args.concurrent * (1 + TRIAL_DRIVER_CPU))        # one train worker + the trial's driver
-    per_node = math.ceil(cpus / args.nodes)
+    per_node = math.ceil(args.concurrent / args.nodes)      # a one-process trial takes one CPU
     cluster = LocalCluster(LocalClusterSpec(head=NodeSpec(num_cpus=per_node),
                                             workers=[NodeSpec(num_cpus=per_node)] * (args.nodes - 1)))
     started = time.time()
+    figures = {}
     try:
         model_dir = make_tiny_encoder(root / "model")
+        full = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
         uri = start_server(root / "mlflow")
         cluster.start()
         ensure_ray(cluster.address)
         print(f"set-up {time.time() - started:.0f}s: {len(cluster.nodes)} nodes, {per_node * args.nodes} logical "
               f"CPUs, MLflow {uri}", flush=True)
-        name = f"search-load-{int(time.time())}"
-        from raysparse.tracking.runs import client, experiment_id
-
-        exp_id = experiment_id(client(uri), name)
-        prober = Prober(uri, exp_id)
-        prober.start()
-        t0 = time.time()
-        result = search(spec_for(args, model_dir, uri, root / "storage", name), address=cluster.address,
-                        verbose=False)
-        wall = time.time() - t0
-        prober.stop.set()
-        prober.join()
-        names = {v: k for k, v in cluster.node_ids().items()}
-        parents, children = check_exactly_once(uri, exp_id, args.trials)
+        if args.single:
+            figures[1] = one_search("single", args.single, 1, model_dir, uri, root, cluster, full)
+        figures[args.concurrent] = one_search("load", args.trials, args.concurrent, model_dir, uri, root, cluster, full)
     finally:
         ray.shutdown()
         cluster.shutdown()
         stop_server(root / "mlflow")
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-
-    assert all(r["status"] == "done" for r in result.rows), [r for r in result.rows if r["status"] != "done"]
-    # Own work: every stage's wall time as the worker measured it (its last report to Tune carries all five).
-    work_of = {r["trial"]: sum(r.get(f"cost/{stage}/wall_s", 0.0) for stage in STAGES) for r in result.rows}
-    trial_id = lambda r: next(t["value"] for t in r["data"]["tags"] if t["key"] == "raysparse.trial_id")
-    work = [work_of[trial_id(r)] for r in children]
-    run_time = [(int(r["info"]["end_time"]) - int(r["info"]["start_time"])) / 1000 for r in children]
-    overhead = [t - w for t, w in zip(run_time, work)]
-    slot = wall * args.concurrent / args.trials - statistics.mean(work)
-    nodes = Counter(names.get(next((t["value"] for t in r["data"]["tags"] if t["key"] == "raysparse.node_id"), ""),
-                              "gone") for r in children)
-    ms = lambda values, q: 1000 * percentile(values, q)
-    print(f"\nsearch of {args.trials} trials, {args.concurrent} at a time, over {args.nodes} nodes "
-          f"({per_node * args.nodes} logical CPUs) on this machine")
-    print(f"  wall time                   {wall:8.1f} s")
-    print(f"  trials per minute           {args.trials / wall * 60:8.2f}")
-    print(f"  per trial (median, p90)     run {statistics.median(run_time):.1f} s, {percentile(run_time, .9):.1f} s; "
-          f"own work {statistics.median(work):.1f} s, {percentile(work, .9):.1f} s")
-    print(f"  scheduling overhead/trial   {statistics.median(overhead):8.1f} s median, "
-          f"{statistics.mean(overhead):.1f} s mean, {percentile(overhead, .9):.1f} s p90 (run time - own work)")
-    print(f"  slot overhead/trial         {slot:8.1f} s (wall x concurrency / trials - mean own work)")
-    print(f"  tracking server             /health median {ms(prober.health, .5):.0f} ms, p99 "
-          f"{ms(prober.health, .99):.0f} ms, max {ms(prober.health, 1):.0f} ms ({len(prober.health)} probes); "
-          f"runs/search median {ms(prober.search, .5):.0f} ms, max {ms(prober.search, 1):.0f} ms; "
-          f"{prober.failures} failed")
-    print(f"  exactly once                {len(children)} trial runs, {len(children)} trial ids, {len(parents)} parent; "
-          f"{', '.join(ONCE)} logged once each")
-    print(f"  trials per node             {', '.join(f'{k}: {v}' for k, v in sorted(nodes.items()))}")
-    print(f"  total                       {time.time() - started:8.1f} s with set-up")
+    print("\ntargets (issue 15)")
+    for concurrent, limit in ((1, 5.0), (args.concurrent, 15.0)):
+        if concurrent in figures:
+            value = figures[concurrent]["overhead_median"]
+            print(f"  overhead median at {concurrent} concurrent  {value:5.1f} s (target <= {limit:g}): "
+                  f"{'met' if value <= limit else 'NOT met'}")
+    load = figures[args.concurrent]
+    print(f"  trials per minute            {load['trials_per_minute']:5.2f} (target >= {3 * 3.26:.2f}): "
+          f"{'met' if load['trials_per_minute'] >= 3 * 3.26 else 'NOT met'}")
+    print(f"  bytes per trial              {load['bytes_share']:.1%} of a full copy (target <= 20%): "
+          f"{'met' if load['bytes_share'] <= 0.2 else 'NOT met'}")
+    print(f"  total                        {time.time() - started:8.1f} s with set-up")
 
 
 if __name__ == "__main__":
