@@ -1,10 +1,11 @@
 """Benchmark: Ray Train's overhead on a fine-tune, against a plain PyTorch loop.
 
 The same fine-tune (XNLI, the embedded e5-small, same batches, same threads) runs as a
-plain loop in this process and through a TorchTrainer with 1 worker, side by side in
-one session. Steady-state steps per second are measured inside each loop after warm-up
+plain loop in this process, through a TorchTrainer with 1 worker, and in a one-process Tune
+trial (how a one-worker search trial runs), side by side in one session. Steady-state steps per second are measured inside each loop after warm-up
 steps; the TorchTrainer's fixed start-up (placement, worker start, model load) is
-reported separately. Target: steady-state overhead within 10%.
+reported separately. Targets: steady-state overhead within 10% (TorchTrainer) and within 3%
+(one-process trial, issue 15).
 
     .venv/bin/python experiments/bench/train_overhead.py [--steps 30] [--warmup 5] [--threads 1]
 """
@@ -37,22 +38,12 @@ def timed_steps(model, data, rows, optimizer, steps: int, warmup: int) -> float:
 
 
 def plain(args) -> float:
-    import raysparse
-    from raysparse.training.batches import build_task_model
-    from raysparse.training.taskdata import TaskData
-
-    torch.set_num_threads(args.threads)
-    spec = spec_for(args)
-    tokenizer = raysparse.load_tokenizer("embedded")
-    model = build_task_model(raysparse.load_model("embedded"), "xnli")
-    data = TaskData(spec, tokenizer)
-    rows = data.pool(["en"])
-    return timed_steps(model, data, rows, torch.optim.AdamW(model.parameters(), lr=3e-5), args.steps, args.warmup)
+    return measure({"spec": spec_for(args).model_dump(), "threads": args.threads, "steps": args.steps,
+                    "warmup": args.warmup})[0]
 
 
-def worker(config: dict) -> None:
-    import ray.train
-
+def measure(config: dict, prepare=None) -> tuple[float, float]:
+    """(steps per second, when the first step could start) of the fine-tune in this process."""
     import raysparse
     from raysparse.training.batches import build_task_model
     from raysparse.training.taskdata import TaskData
@@ -61,15 +52,45 @@ def worker(config: dict) -> None:
     spec = RunSpec.model_validate(config["spec"])
     tokenizer = raysparse.load_tokenizer("embedded")
     model = build_task_model(raysparse.load_model("embedded"), "xnli")
-    model = ray.train.torch.prepare_model(model, parallel_strategy=None)
+    if prepare is not None:
+        model = prepare(model)
     data = TaskData(spec, tokenizer)
     rows = data.pool(["en"])
     ready = time.time()
     rate = timed_steps(model, data, rows, torch.optim.AdamW(model.parameters(), lr=3e-5), config["steps"],
                        config["warmup"])
+    return rate, ready
+
+
+def worker(config: dict) -> None:
+    import ray.train
+
+    rate, ready = measure(config, lambda model: ray.train.torch.prepare_model(model, parallel_strategy=None))
     with tempfile.TemporaryDirectory() as folder:   # Result.metrics stays empty without a checkpoint
         ray.train.report({"steps_per_second": rate, "ready_at": ready},
                          checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def trial(config: dict) -> None:
+    """A one-process search trial: the fine-tune in the Tune trial's own process (no Train worker)."""
+    from ray import tune
+
+    rate, ready = measure(config)
+    tune.report({"steps_per_second": rate, "ready_at": ready})
+
+
+def through_tune(args) -> tuple[float, float]:
+    from ray import tune
+
+    from raysparse.runner import ensure_ray
+
+    ensure_ray()
+    started = time.time()
+    config = {"spec": spec_for(args).model_dump(), "threads": args.threads, "steps": args.steps, "warmup": args.warmup}
+    tuner = tune.Tuner(tune.with_resources(trial, {"cpu": args.threads}), param_space=config,
+                       run_config=tune.RunConfig(name=f"bench-trial-{int(started)}", storage_path="/tmp/raysparse-bench"))
+    metrics = tuner.fit()[0].metrics or {}
+    return metrics.get("steps_per_second", float("nan")), metrics.get("ready_at", float("nan")) - started
 
 
 def through_ray(args) -> tuple[float, float]:
@@ -97,11 +118,14 @@ def main() -> None:
     args = parser.parse_args()
     plain_rate = plain(args)
     ray_rate, startup = through_ray(args)
+    trial_rate, trial_startup = through_tune(args)
     second_plain = plain(args)   # plain again, so drift of the machine shows up
     base = (plain_rate + second_plain) / 2
     print(f"plain loop: {plain_rate:.3f} and {second_plain:.3f} steps/s (threads {args.threads}, batch 16, length 64)")
     print(f"TorchTrainer, 1 worker: {ray_rate:.3f} steps/s; fixed start-up before the first step {startup:.1f} s")
-    print(f"steady-state overhead: {(base / ray_rate - 1) * 100:+.1f}% (target within 10%)")
+    print(f"one-process Tune trial: {trial_rate:.3f} steps/s; fixed start-up before the first step {trial_startup:.1f} s")
+    print(f"steady-state overhead: TorchTrainer {(base / ray_rate - 1) * 100:+.1f}% (target within 10%); "
+          f"one-process trial {(base / trial_rate - 1) * 100:+.1f}% (target within 3%)")
 
 
 if __name__ == "__main__":
