@@ -186,6 +186,30 @@ def test_teacher_targets_are_computed_once_and_give_what_the_live_teacher_gives(
     assert_same_weights(second.model, live.model, atol=1e-5)
 
 
+@pytest.mark.timeout(300)
+def test_importance_scores_of_the_dense_model_are_computed_once(tiny_model_dir, tmp_path):
+    """Runs that differ only in sparsity read the first one's gradient scores and select from them what
+    fresh scores give; another algorithm scores anew."""
+    def spec(name, algorithm="gradient", sparsity=0.3, cache=True):
+        data = tiny_spec(tiny_model_dir, name, algorithm=algorithm, sparsity=sparsity)
+        data["storage"] = str(tmp_path / "runs")
+        data["finetune"]["cache"] = cache
+        return data
+
+    first = run_in_process(spec("first"))
+    second = run_in_process(spec("second", sparsity=0.5))
+    fresh = run_in_process(spec("fresh", sparsity=0.5, cache=False))
+    other = run_in_process(spec("other", algorithm="magnitude"))
+    hit = "cache/scores/hit"
+    assert (first.state.metrics[hit], second.state.metrics[hit], other.state.metrics[hit]) == (0.0, 1.0, 0.0)
+    assert hit not in fresh.state.metrics
+    cached, computed = second.state.scores["shared"], fresh.state.scores["shared"]
+    torch.testing.assert_close(cached.heads, computed.heads, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cached.neurons, computed.neurons, atol=1e-6, rtol=1e-5)
+    assert torch.equal(second.state.masks["shared"].kept_heads, fresh.state.masks["shared"].kept_heads)
+    assert torch.equal(second.state.masks["shared"].kept_neurons, fresh.state.masks["shared"].kept_neurons)
+
+
 def _compute_once(root, counter, results):
     import time
 

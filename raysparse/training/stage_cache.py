@@ -1,8 +1,10 @@
 """Fine-tune once, prune many: stage outputs that no pruning choice changes, stored once per key.
 
-Two stages are cached: the dense fine-tuned model, and the distillation teacher's outputs on
-the recovery batches (every trial of a search with the same seed and data recovers on the same
-batches from the same teacher, so only the first pays for the teacher's forward passes).
+Three stages are cached: the dense fine-tuned model; the importance scores of that model for an
+algorithm, its options and the scoring batches (trials that differ in sparsity or schedule score
+alike); and the distillation teacher's outputs on the recovery batches (every trial of a search with
+the same seed and data recovers on the same batches from the same teacher, so only the first pays
+for the teacher's forward passes).
 The dense fine-tuned model depends on the model source (and its weights), the task, the data
 selection, the fine-tuning settings and the seed, never on the algorithm, sparsity, setting or
 recovery. :class:`StageCache` keeps such outputs under ``<storage>/cache/<stage>/<key>/``,
@@ -33,7 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-STAGE_VERSION = {"finetune": 1, "teacher-targets": 1}
+STAGE_VERSION = {"finetune": 1, "teacher-targets": 1, "scores": 1}
 ENTRY = "entry.json"
 
 

@@ -242,14 +242,55 @@ class Run:
         return UnitGates(heads, neurons, layers)
 
     def score(self, rows: list, base: Mask | None, salt: int = 0) -> UnitScores:
-        """The algorithm's unit scores on ``scoring_examples`` rows, summed over workers."""
+        """The algorithm's unit scores on ``scoring_examples`` rows, summed over workers; scores of the
+        dense model come from the stage cache when another run computed the same ones."""
         spec = self.spec
         count = max(1, spec.pruning.scoring_examples // (spec.finetune.batch_size * self.world_size))
         batches = self.data.batches(rows, 0, count, spec.finetune.batch_size, salt=1000 + salt)
+        compute = lambda: all_reduce_scores(self._score(batches, base))  # noqa: E731
+        store = self._stage_cache() if base is None and self._scores_cacheable() else None
+        if store is None:
+            return compute()
+        from raysparse.training.stage_cache import stage_key, tensors_digest
+
+        fields = type(self.algorithm).Options.model_fields if hasattr(type(self.algorithm), "Options") else {}
+        determinants = {"model": tensors_digest(self.model.state_dict()), "batches": tensors_digest(batches),
+                        "algorithm": spec.pruning.algorithm, "options": spec.pruning.options,
+                        **({"seed": spec.seed} if "seed" in fields else {}),
+                        **({"target_sparsity": spec.pruning.sparsity} if "target_sparsity" in fields else {})}
+        found: dict[str, UnitScores] = {}
+        file = "scores.safetensors"
+
+        def write(folder: Path) -> None:
+            scores = found["scores"]
+            tensors = {name: value.contiguous() for name, value in
+                       (("heads", scores.heads), ("neurons", scores.neurons), ("layers", scores.layers))
+                       if value is not None}
+            save_file(tensors, str(folder / file))
+
+        def load(folder: Path) -> None:
+            tensors = load_file(str(folder / file))
+            found["scores"] = UnitScores(tensors["heads"], tensors["neurons"], tensors.get("layers"))
+
+        self._through_cache(store, "scores", stage_key("scores", determinants),
+                            compute=lambda alive: found.update(scores=compute()), write=write, load=load)
+        return found["scores"]
+
+    def _score(self, batches: list, base: Mask | None) -> UnitScores:
         was_training = self.model.training
         scores = self.algorithm.score(self.model, batches, self.data.loss, base)
         self.model.train(was_training)
-        return all_reduce_scores(scores)
+        return scores
+
+    def _scores_cacheable(self) -> bool:
+        """Scores a method computes from the model and data alone (not learned while training, and no
+        mask the method decides itself from state it keeps), taken in the prune stage (not gradual's
+        moving model), with ``finetune.cache`` on."""
+        from raysparse.pruning.registry import Importance
+
+        algorithm = type(self.algorithm)
+        return (self.spec.finetune.cache and self.state.stage == "prune" and not algorithm.learns_during_training
+                and algorithm.final_mask is Importance.final_mask)
 
     def select(self, scores: UnitScores, target: float, base: Mask | None) -> Mask:
         enc = Encoder(self.model)
