@@ -251,30 +251,22 @@ class Run:
         store = self._stage_cache() if base is None and self._scores_cacheable() else None
         if store is None:
             return compute()
-        from raysparse.training.stage_cache import stage_key, tensors_digest
+        from raysparse.training.stage_cache import tensors_digest
 
         fields = type(self.algorithm).Options.model_fields if hasattr(type(self.algorithm), "Options") else {}
         determinants = {"model": tensors_digest(self.model.state_dict()), "batches": tensors_digest(batches),
                         "algorithm": spec.pruning.algorithm, "options": spec.pruning.options,
                         **({"seed": spec.seed} if "seed" in fields else {}),
                         **({"target_sparsity": spec.pruning.sparsity} if "target_sparsity" in fields else {})}
-        found: dict[str, UnitScores] = {}
-        file = "scores.safetensors"
 
-        def write(folder: Path) -> None:
-            scores = found["scores"]
-            tensors = {name: value.contiguous() for name, value in
-                       (("heads", scores.heads), ("neurons", scores.neurons), ("layers", scores.layers))
-                       if value is not None}
-            save_file(tensors, str(folder / file))
+        def tensors(alive) -> dict[str, torch.Tensor]:
+            scores = compute()
+            return {name: value for name, value in
+                    (("heads", scores.heads), ("neurons", scores.neurons), ("layers", scores.layers))
+                    if value is not None}
 
-        def load(folder: Path) -> None:
-            tensors = load_file(str(folder / file))
-            found["scores"] = UnitScores(tensors["heads"], tensors["neurons"], tensors.get("layers"))
-
-        self._through_cache(store, "scores", stage_key("scores", determinants),
-                            compute=lambda alive: found.update(scores=compute()), write=write, load=load)
-        return found["scores"]
+        found = self._cached_tensors(store, "scores", determinants, tensors, "scores.safetensors")
+        return UnitScores(found["heads"], found["neurons"], found.get("layers"))
 
     def _score(self, batches: list, base: Mask | None) -> UnitScores:
         was_training = self.model.training
@@ -401,6 +393,19 @@ class Run:
                             compute=lambda alive: train([Every(5, lambda step, loss: alive())]),
                             write=lambda folder: save_weights(self.model, folder / weights, self.frozen),
                             load=lambda folder: load_weights(self.model, folder / weights, self.frozen))
+
+    def _cached_tensors(self, store, stage: str, determinants: dict, compute, file: str) -> dict[str, torch.Tensor]:
+        """A flat dict of tensors that ``determinants`` fix, from the stage cache, or ``compute(alive)``
+        once and stored in ``file``."""
+        from raysparse.training.stage_cache import stage_key
+
+        found: dict[str, torch.Tensor] = {}
+        self._through_cache(store, stage, stage_key(stage, determinants),
+                            compute=lambda alive: found.update(compute(alive)),
+                            write=lambda folder: save_file({k: v.contiguous() for k, v in found.items()},
+                                                           str(folder / file)),
+                            load=lambda folder: found.update(load_file(str(folder / file))))
+        return found
 
     def _through_cache(self, store, stage: str, key: str, compute, write, load) -> None:
         """Load ``stage``'s entry under ``key``, or ``compute(alive)`` it while holding the key's lock
@@ -543,34 +548,30 @@ class Run:
         the teacher's weights and the batches themselves) or computed once and stored; None without
         a cache (the teacher then runs beside the student)."""
         from raysparse.training.distill import target_outputs
-        from raysparse.training.stage_cache import stage_key, tensors_digest
+        from raysparse.training.stage_cache import tensors_digest
 
         store = self._stage_cache()
         if store is None:
             return None
         batches = [batch_at(step)[1] for step in range(steps)]
-        key = stage_key("teacher-targets", {"teacher": tensors_digest(self.teacher.state_dict()),
-                                            "batches": tensors_digest(batches),
-                                            "dtype": self.spec.recovery.distillation.teacher_dtype})
-        targets: dict[int, dict] = {}
-        file = "targets.safetensors"
+        dtype = self.spec.recovery.distillation.teacher_dtype
+        determinants = {"teacher": tensors_digest(self.teacher.state_dict()), "batches": tensors_digest(batches),
+                        "dtype": dtype}
 
-        def compute(alive) -> None:
+        def compute(alive) -> dict[str, torch.Tensor]:
+            flat = {}
             for step, batch in enumerate(batches):
-                targets[step] = target_outputs(self.teacher, batch, dtype=self.spec.recovery.distillation.teacher_dtype)
+                flat.update({f"{step}/{name}": value for name, value in
+                             target_outputs(self.teacher, batch, dtype=dtype).items()})
                 if step % 10 == 0:
                     alive()
+            return flat
 
-        def write(folder: Path) -> None:
-            save_file({f"{step}/{name}": value.contiguous() for step, out in targets.items()
-                       for name, value in out.items()}, str(folder / file))
-
-        def load(folder: Path) -> None:
-            for name, value in load_file(str(folder / file)).items():
-                step, _, output = name.partition("/")
-                targets.setdefault(int(step), {})[output] = value
-
-        self._through_cache(store, "teacher-targets", key, compute, write, load)
+        targets: dict[int, dict] = {}
+        for name, value in self._cached_tensors(store, "teacher-targets", determinants, compute,
+                                                "targets.safetensors").items():
+            step, _, output = name.partition("/")
+            targets.setdefault(int(step), {})[output] = value
         return targets
 
     def recover(self) -> None:
