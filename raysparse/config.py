@@ -52,6 +52,9 @@ class FinetuneConfig(Strict):
     # The fine-tuned dense model is stored once per (model, data, these settings, seed) in <storage>/cache
     # and reused by every run and trial that needs the same (one-worker runs; not while L0/movement learn).
     cache: bool = True
+    # Evaluate the dense model every N fine-tuning steps (0: never): its learning curve in MLflow, as the
+    # history of dense/<task>/<lang>/<metric> (needs data.evaluate_dense, which logs the last point)
+    evaluate_every: int = Field(0, ge=0)
 
 
 class DistillationConfig(Strict):
@@ -93,6 +96,9 @@ class PruningConfig(Strict):
     scoring_languages: list[str] | None = Field(None, min_length=1)   # default: the evaluation languages
     drop_layers: int = Field(0, ge=0)
     options: dict[str, Any] = Field(default_factory=dict)   # the algorithm's own (typed by it, e.g. L0's lr)
+    # Methods that learn their scores while training (L0, movement): learn for this many steps after the
+    # dense fine-tuning (which the stage cache then shares with every other trial) instead of during it
+    learning_steps: int | None = Field(None, ge=1)
     mask_tuning: MaskTuningConfig = Field(default_factory=MaskTuningConfig)   # rescale kept units, no training
 
     @field_validator("sparsity")
@@ -268,6 +274,13 @@ class RunSpec(Strict):
             options.model_validate({k: v for k, v in self.pruning.options.items() if v is not None})
         except ValidationError as exc:
             raise ValueError(_format_error(exc, options, prefix="pruning.options")) from None
+        if self.pruning.learning_steps is not None:
+            if not ALGORITHMS[self.pruning.algorithm].learns_during_training:
+                raise ValueError(f"pruning.learning_steps: '{self.pruning.algorithm}' scores without training "
+                                 "(expected it only with a method that learns its scores, e.g. l0 or movement)")
+            if self.pruning.schedule not in ("one-shot", "iterative"):
+                raise ValueError(f"pruning.learning_steps: the {self.pruning.schedule} schedule trains while it "
+                                 "prunes (expected schedule one-shot or iterative)")
         if self.pruning.schedule == "dynamic":
             if self.pruning.setting != "shared":
                 raise ValueError("pruning.setting: the dynamic schedule trains one shared network (expected 'shared')")

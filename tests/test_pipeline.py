@@ -264,3 +264,63 @@ def test_every_stage_charges_its_cost_and_unfrozen_word_embeddings_train(tiny_mo
     table = lambda run: Encoder(run.model).embeddings.word_embeddings.weight.detach()  # noqa: E731
     assert torch.equal(table(frozen), loaded)
     assert not torch.equal(table(trained), loaded)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("algorithm", ["l0", "movement"])
+def test_learning_methods_learn_on_top_of_the_cached_fine_tuned_model(algorithm, tiny_model_dir, tmp_path):
+    """With ``pruning.learning_steps``, L0 and movement read the dense fine-tuned model from the stage
+    cache (a gradient run stored it) and learn their scores in a stage of their own, which resumes
+    exactly; the mask has the target sparsity."""
+    def spec(name, **pruning):
+        data = tiny_spec(tiny_model_dir, name, **pruning)
+        data["storage"] = str(tmp_path / "runs")
+        return data
+
+    run_in_process(spec("dense-producer"))
+    learner = as_spec(spec(f"{algorithm}-after", algorithm=algorithm, learning_steps=4, sparsity=0.5))
+    languages = preflight(learner)
+    straight = build_pipeline(learner, languages, LocalSession(), storage=learner.storage)
+    straight.execute()
+    assert straight.state.metrics["cache/finetune/hit"] == 1.0
+    assert straight.state.metrics["cost/learn/cpu_s"] > 0
+    mask = straight.state.masks["shared"]
+    assert encoder_sparsity_of(mask, HIDDEN, HEAD_DIM) == pytest.approx(0.5, abs=0.05)
+
+    first = build_pipeline(learner, languages, LocalSession(tmp_path / "ckpt"), storage=learner.storage)
+    first.finetune()
+    assert first.state.stage == "learn"
+    first.observers.append(Interrupt(after=2))
+    with pytest.raises(Interrupt.Killed):
+        first.learn()
+    resumed = build_pipeline(learner, languages, LocalSession(tmp_path / "ckpt"), storage=learner.storage)
+    assert (resumed.state.stage, resumed.state.step) == ("learn", 2)
+    resumed.execute()
+    assert resumed.state.masks["shared"].to_dict() == mask.to_dict()
+    for key, value in straight.state.metrics.items():
+        if key.startswith("xnli/"):
+            assert resumed.state.metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_learning_steps_are_refused_for_methods_that_do_not_learn(tiny_model_dir):
+    with pytest.raises(RaysparseError, match="pruning.learning_steps: 'gradient' scores without training"):
+        as_spec(tiny_spec(tiny_model_dir, algorithm="gradient", learning_steps=4))
+
+
+@pytest.mark.timeout(300)
+def test_the_learning_curve_of_fine_tuning_is_the_history_of_the_dense_metrics(tiny_model_dir, tracking_server):
+    import mlflow
+
+    data = tiny_spec(tiny_model_dir, "curve")
+    data["finetune"]["evaluate_every"] = 2
+    data["data"]["evaluate_dense"] = True
+    spec = as_spec(data)
+    client = mlflow.MlflowClient(tracking_server)
+    experiment = client.get_experiment_by_name("test-curve") or client.get_experiment(
+        client.create_experiment("test-curve"))
+    run = client.create_run(experiment.experiment_id)
+    build_pipeline(spec, preflight(spec), LocalSession(), tracking_uri=tracking_server,
+                   run_id=run.info.run_id).execute()
+    history = client.get_metric_history(run.info.run_id, "dense/xnli/avg/accuracy")
+    assert sorted(m.step for m in history) == [2, 4]
+    assert all(0.0 <= m.value <= 1.0 for m in history)

@@ -21,7 +21,8 @@ from torch import nn
 from raysparse.pruning import UnitScores
 from raysparse.structure import Mask
 
-STAGES = ("finetune", "prune", "recover", "evaluate", "finalize", "done")
+# "learn": L0/movement learning their scores after a cached fine-tune (pruning.learning_steps)
+STAGES = ("finetune", "learn", "prune", "recover", "evaluate", "finalize", "done")
 
 
 @dataclass

@@ -328,15 +328,16 @@ class Run:
         spec, total = self.spec, self.spec.finetune.steps
         rows = self.data.pool(self.languages["finetune"])
         callbacks: list[Callback] = []
-        if self.algorithm.learns_during_training:
+        if self.algorithm.learns_during_training and spec.pruning.learning_steps is None:
             callbacks.append(LearnedImportance(self.algorithm, self.model, total))
         if spec.pruning.schedule == "gradual":
             callbacks.append(GradualPruning(self, rows, total))
+        curve = self._learning_curve(total)   # evaluation changes no weight: the cache may still hold this
         cache = self._finetune_cache(callbacks)
         if cache is not None:
-            self._finetune_through(cache, lambda extra: self._train_dense(rows, total, [*callbacks, *extra]))
+            self._finetune_through(cache, lambda extra: self._train_dense(rows, total, [*callbacks, *curve, *extra]))
         elif total > 0:
-            self._train_dense(rows, total, callbacks)
+            self._train_dense(rows, total, [*callbacks, *curve])
         else:
             for callback in callbacks:
                 callback.on_end()
@@ -344,6 +345,39 @@ class Run:
             self._evaluate_dense()
         if spec.recovery.distillation.enabled:
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        learns_after = self.algorithm.learns_during_training and spec.pruning.learning_steps is not None
+        self.state.advance("learn" if learns_after else "prune")
+        self.report()
+
+    def _learning_curve(self, total: int) -> list[Callback]:
+        """``finetune.evaluate_every``: the dense model's quality every N steps, logged as the history of
+        ``dense/<task>/<lang>/<metric>`` (whose last point, at ``total``, ``data.evaluate_dense`` logs)."""
+        every = self.spec.finetune.evaluate_every
+        if not every or not self.is_chief:
+            return []
+
+        def evaluate(step: int, loss: float) -> None:
+            if step >= total:
+                return
+            try:
+                result = self._evaluate({})
+            finally:
+                self.model.train()
+            self.log.metrics({f"dense/{k}": v for k, v in result.metrics.items()}, step=step)
+
+        return [Every(every, evaluate)]
+
+    def learn(self) -> None:
+        """L0 gates or movement scores learnt for ``pruning.learning_steps`` on top of the dense fine-tuned
+        model (shared through the stage cache), on other batches of the same training rows."""
+        spec, total = self.spec, self.spec.pruning.learning_steps or 0
+        rows = self.data.pool(self.languages["finetune"])
+        callbacks: list[Callback] = [LearnedImportance(self.algorithm, self.model, total)]
+        optimizer, scheduler = self.optimizer(spec.finetune.learning_rate, total, spec.finetune.warmup_ratio,
+                                              callbacks)
+        objective = single(lambda step: self.data.loss(self.ddp, self.data.batch(rows, step, spec.finetune.batch_size,
+                                                                                 salt=1000)))
+        self.fit("learn", objective, optimizer, scheduler, total, callbacks)
         self.state.advance("prune")
         self.report()
 
@@ -382,7 +416,7 @@ class Run:
                         "data_dir": str(data_dir(spec.data.dir)), "languages": sorted(self.languages["finetune"]),
                         "data": spec.data.model_dump(include={"regime", "train_fraction", "max_train_examples",
                                                                "max_length", "doc_stride"}),
-                        "finetune": spec.finetune.model_dump(exclude={"cache"}), "seed": spec.seed}
+                        "finetune": spec.finetune.model_dump(exclude={"cache", "evaluate_every"}), "seed": spec.seed}
         return store, stage_key("finetune", determinants)
 
     def _finetune_through(self, cache, train) -> None:
@@ -433,7 +467,7 @@ class Run:
         """The fine-tuned dense model's quality, as ``dense/<task>/<lang>/<metric>`` (the reference of a share)."""
         result = self._evaluate({})
         self.state.metrics.update({f"dense/{k}": v for k, v in result.metrics.items()})
-        self.log.metrics({f"dense/{k}": v for k, v in result.metrics.items()})
+        self.log.metrics({f"dense/{k}": v for k, v in result.metrics.items()}, step=self.spec.finetune.steps)
 
     def prune(self) -> None:
         """Score and select: one mask (shared) or one per language, exact target sparsity; then shrink."""
@@ -624,7 +658,7 @@ class Run:
         self.report(checkpoint=True)
 
     def execute(self) -> None:
-        stages = {"finetune": self.finetune, "prune": self.prune, "recover": self.recover,
+        stages = {"finetune": self.finetune, "learn": self.learn, "prune": self.prune, "recover": self.recover,
                   "evaluate": self.evaluate, "finalize": self.finalize}
         while self.state.stage != "done":
             if self.is_chief:
