@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-STAGE_VERSION = {"finetune": 1, "teacher-targets": 1, "scores": 1}
+STAGE_VERSION = {"finetune": 2, "teacher-targets": 1, "scores": 1}
 ENTRY = "entry.json"
 
 
