@@ -39,6 +39,14 @@ class DataConfig(Strict):
     max_length: int = Field(128, ge=8, le=4096)
     doc_stride: int = Field(64, ge=1)
 
+    @field_validator("languages", mode="before")
+    @classmethod
+    def _languages_from_a_string(cls, value: Any) -> Any:
+        """``"de,zh"`` is ``[de, zh]``: a grid entry or ``--set`` can name languages in one string."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
 
 class FinetuneConfig(Strict):
     steps: int = Field(100, ge=0)
@@ -53,8 +61,11 @@ class FinetuneConfig(Strict):
     # and reused by every run and trial that needs the same (one-worker runs; not while L0/movement learn).
     cache: bool = True
     # Evaluate the dense model every N fine-tuning steps (0: never): its learning curve in MLflow, as the
-    # history of dense/<task>/<lang>/<metric> (needs data.evaluate_dense, which logs the last point)
+    # history of dev/<task>/<lang>/<metric>, on `curve_examples` development rows per language: those after
+    # the reported ones (data.skip_eval_examples + data.max_eval_examples on), so a budget chosen on the
+    # curve is not chosen on the reported figure
     evaluate_every: int = Field(0, ge=0)
+    curve_examples: int = Field(100, ge=1)
 
 
 class DistillationConfig(Strict):
@@ -287,6 +298,13 @@ class RunSpec(Strict):
             if self.pruning.algorithm == "layerdrop" or self.pruning.drop_layers:
                 raise ValueError("pruning.algorithm: the dynamic schedule orders heads and neurons, not layers "
                                  "(expected a head/neuron algorithm and drop_layers 0)")
+        return self
+
+    @model_validator(mode="after")
+    def _curve_has_rows(self) -> "RunSpec":
+        if self.finetune.evaluate_every and self.data.max_eval_examples is None:
+            raise ValueError("finetune.evaluate_every: the curve reads the rows after the reported ones, but "
+                             "data.max_eval_examples is null (all rows reported; expected a number)")
         return self
 
     @model_validator(mode="after")

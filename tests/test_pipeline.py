@@ -308,7 +308,9 @@ def test_learning_steps_are_refused_for_methods_that_do_not_learn(tiny_model_dir
 
 
 @pytest.mark.timeout(300)
-def test_the_learning_curve_of_fine_tuning_is_the_history_of_the_dense_metrics(tiny_model_dir, tracking_server):
+def test_the_learning_curve_of_fine_tuning_is_logged_on_development_rows(tiny_model_dir, tracking_server):
+    """Every ``evaluate_every`` steps and at the end, on rows after the reported ones (dev/...), beside the
+    reported dense score (dense/..., at the last step)."""
     import mlflow
 
     data = tiny_spec(tiny_model_dir, "curve")
@@ -321,6 +323,8 @@ def test_the_learning_curve_of_fine_tuning_is_the_history_of_the_dense_metrics(t
     run = client.create_run(experiment.experiment_id)
     build_pipeline(spec, preflight(spec), LocalSession(), tracking_uri=tracking_server,
                    run_id=run.info.run_id).execute()
-    history = client.get_metric_history(run.info.run_id, "dense/xnli/avg/accuracy")
+    history = client.get_metric_history(run.info.run_id, "dev/xnli/avg/accuracy")
     assert sorted(m.step for m in history) == [2, 4]
     assert all(0.0 <= m.value <= 1.0 for m in history)
+    [reported] = client.get_metric_history(run.info.run_id, "dense/xnli/avg/accuracy")
+    assert reported.step == 4

@@ -3,7 +3,9 @@
 Masks do not make anything faster, so only physically shrunk models are timed. On
 CPU the thread count is fixed for the whole measurement; on GPU each forward is timed
 with CUDA events after a synchronise. Interleaving (A, B, A, B, ...) spreads drift of
-the machine (frequency, other load) evenly over the configurations being compared.
+the machine (frequency, other load) evenly over the configurations being compared; the
+times of one round are paired, so a ratio of two configurations gets a bootstrap interval
+over rounds (:func:`ratio_interval`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,11 +42,21 @@ class LatencyResult:
         return asdict(self)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str = "cpu") -> dict:
     """What every latency figure must be reported beside."""
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
-           "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-           "python": platform.python_version()}
+           "machine": platform.machine(), "processor": cpu_model(), "python": platform.python_version()}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
@@ -71,39 +87,78 @@ def random_batch(vocab_size: int, batch_size: int, sequence_length: int, device:
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
-@torch.inference_mode()
-def measure_latency(models: dict[str, nn.Module], batch_sizes=(1, 8), sequence_length: int = 128, warmup: int = 3,
-                    repeats: int = 20, threads: int | None = None, device: str = "cpu") -> list[LatencyResult]:
-    """Median forward latency of each model at each batch size, the models interleaved."""
-    expect(bool(models), "bench: no models to time")
-    expect(repeats >= 1 and warmup >= 0, "bench: repeats must be >= 1 and warmup >= 0")
-    previous_threads = torch.get_num_threads()
+@contextmanager
+def fixed_threads(threads: int | None) -> Iterator[int]:
+    """Intra-op threads fixed to ``threads`` (None: as they are) inside, restored after; yields the count."""
+    previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.inference_mode()
+def time_rounds(models: dict[str, nn.Module], batch_size: int, sequence_length: int = 128, rounds: int = 20,
+                warmup: int = 3, device: str = "cpu") -> dict[str, list[float]]:
+    """Forward latency in ms of every model in every round, interleaved.
+
+    ``warmup`` untimed rounds first; then each round times each model once, the order rotated by
+    one model per round (A B C, B C A, C A B, ...), so drift of the machine falls evenly on all
+    and round i of one model is comparable with round i of another. The models must already be
+    on ``device`` in eval mode; threads are the caller's (:func:`fixed_threads`).
+    """
+    expect(bool(models), "bench: no models to time")
+    expect(rounds >= 1 and warmup >= 0, "bench: repeats must be >= 1 and warmup >= 0")
+    batches = {name: random_batch(model.get_input_embeddings().num_embeddings, batch_size, sequence_length, device)
+               for name, model in models.items()}
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(warmup + rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = _time_once(models[name], batches[name], device)
+            if index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def measure_latency(models: dict[str, nn.Module], batch_sizes=(1, 8), sequence_length: int = 128, warmup: int = 3,
+                    repeats: int = 20, threads: int | None = None, device: str = "cpu") -> list[LatencyResult]:
+    """Median forward latency of each model at each batch size, the models interleaved (:func:`time_rounds`)."""
+    expect(bool(models), "bench: no models to time")
+    expect(repeats >= 1 and warmup >= 0, "bench: repeats must be >= 1 and warmup >= 0")
+    with fixed_threads(threads) as used:
         for model in models.values():
             model.eval().to(device)
         results = []
         for batch_size in batch_sizes:
-            batches = {name: random_batch(model.get_input_embeddings().num_embeddings, batch_size, sequence_length,
-                                          device) for name, model in models.items()}
-            for _ in range(warmup):
-                for name, model in models.items():
-                    _time_once(model, batches[name], device)
-            times = {name: [] for name in models}
-            names = list(models)
-            for rep in range(repeats):
-                order = names[rep % len(names):] + names[: rep % len(names)]
-                for name in order:
-                    times[name].append(_time_once(models[name], batches[name], device))
+            times = time_rounds(models, batch_size, sequence_length, repeats, warmup, device)
             for name, values in times.items():
                 dtype = str(next(models[name].parameters()).dtype).replace("torch.", "")
                 results.append(LatencyResult(name, batch_size, sequence_length, statistics.median(values),
                                              _quantile(values, 0.1), _quantile(values, 0.9), repeats, device,
-                                             torch.get_num_threads(), dtype))
+                                             used, dtype))
         return results
-    finally:
-        torch.set_num_threads(previous_threads)
+
+
+def ratio_interval(numerator: list[float], denominator: list[float], level: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """``median(numerator) / median(denominator)`` and its percentile-bootstrap interval at ``level``.
+
+    The two lists are paired by round (:func:`time_rounds`): a resample draws rounds with
+    replacement and keeps both models' times of each drawn round, so what drifted between rounds
+    stays paired. Returns ``(ratio, low, high)``.
+    """
+    num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    expect(num.ndim == 1 and num.shape == den.shape and len(num) >= 2,
+           f"bench: expected two equally long lists of >= 2 paired times, got {len(num)} and {len(den)}")
+    expect(0 < level < 1, f"bench: interval level must lie in (0, 1), got {level}")
+    draws = np.random.default_rng(seed).integers(0, len(num), size=(resamples, len(num)))
+    ratios = np.median(num[draws], axis=1) / np.median(den[draws], axis=1)
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(np.median(num) / np.median(den)), float(low), float(high)
 
 
 def median_speedups(results: list[LatencyResult], baseline: str) -> dict[tuple[str, int], float]:

@@ -38,7 +38,7 @@ def _axis(label: str, values: Any) -> list[dict[str, Any]]:
             for path, value in item.items():
                 if isinstance(value, (list, dict)):
                     raise RaysparseError(f"grid.{label}: {path} = {value!r}: expected a number, string, boolean or "
-                                         "null (Optuna choices); put lists in base")
+                                         "null (Optuna choices); put lists in base (languages: one string, \"de,zh\")")
         return [dict(v) for v in values]
     if any(isinstance(v, dict) for v in values):
         raise RaysparseError(f"grid.{label}: expected either values of {label} or {{path: value}} mappings, not both")
@@ -47,7 +47,7 @@ def _axis(label: str, values: Any) -> list[dict[str, Any]]:
         for path, value in item.items():
             if isinstance(value, (list, dict)):
                 raise RaysparseError(f"grid.{label}: {path} = {value!r}: expected a number, string, boolean or null "
-                                     "(Optuna choices); put lists in base")
+                                     "(Optuna choices); put lists in base (languages: one string, \"de,zh\")")
     return items
 
 

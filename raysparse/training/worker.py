@@ -350,22 +350,20 @@ class Run:
         self.report()
 
     def _learning_curve(self, total: int) -> list[Callback]:
-        """``finetune.evaluate_every``: the dense model's quality every N steps, logged as the history of
-        ``dense/<task>/<lang>/<metric>`` (whose last point, at ``total``, ``data.evaluate_dense`` logs)."""
+        """``finetune.evaluate_every``: the dense model's quality every N steps and at the end, on development
+        rows (after the reported ones), logged as the history of ``dev/<task>/<lang>/<metric>``."""
         every = self.spec.finetune.evaluate_every
         if not every or not self.is_chief:
             return []
 
         def evaluate(step: int, loss: float) -> None:
-            if step >= total:
-                return
             try:
-                result = self._evaluate({})
+                result = self._evaluate({}, development=True)
             finally:
                 self.model.train()
-            self.log.metrics({f"dense/{k}": v for k, v in result.metrics.items()}, step=step)
+            self.log.metrics({f"dev/{k}": v for k, v in result.metrics.items()}, step=step)
 
-        return [Every(every, evaluate)]
+        return [Every(every, evaluate, total)]
 
     def learn(self) -> None:
         """L0 gates or movement scores learnt for ``pruning.learning_steps`` on top of the dense fine-tuned
@@ -464,10 +462,21 @@ class Run:
                        f"raysparse.cache.{stage}.producer": record.get("run_id") or record.get("owner")})
 
     def _evaluate_dense(self) -> None:
-        """The fine-tuned dense model's quality, as ``dense/<task>/<lang>/<metric>`` (the reference of a share)."""
+        """The fine-tuned dense model's quality, as ``dense/<task>/<lang>/<metric>`` (the reference of a share),
+        and the floor beneath it: the task's trivial predictor on the same rows, as ``trivial/...``."""
+        from raysparse.training.baselines import trivial_baseline
+
+        spec = self.spec
         result = self._evaluate({})
-        self.state.metrics.update({f"dense/{k}": v for k, v in result.metrics.items()})
-        self.log.metrics({f"dense/{k}": v for k, v in result.metrics.items()}, step=self.spec.finetune.steps)
+        floor = trivial_baseline(self.task, self.languages["evaluation"], data_dir=spec.data.dir, seed=spec.seed,
+                                 train_fraction=spec.data.train_fraction, max_examples=spec.data.max_eval_examples,
+                                 skip_examples=spec.data.skip_eval_examples, regime=spec.data.regime)
+        values = {**{f"dense/{k}": v for k, v in result.metrics.items()},
+                  **{f"trivial/{k}": v for k, v in floor.metrics.items()}}
+        self.state.metrics.update(values)
+        self.log.metrics(values, step=spec.finetune.steps)
+        if floor.scored:
+            self.log.tags({"raysparse.trivial_baseline": floor.predictor[:5000]})
 
     def prune(self) -> None:
         """Score and select: one mask (shared) or one per language, exact target sparsity; then shrink."""
@@ -617,15 +626,18 @@ class Run:
         self.state.advance("evaluate")
         self.report()
 
-    def _evaluate(self, masks: dict):
+    def _evaluate(self, masks: dict, development: bool = False):
+        """Scores on the reported rows, or (``development``) on the curve's rows after them."""
         from raysparse.training.evaluate import evaluate
 
         spec = self.spec
+        skip, count = spec.data.skip_eval_examples, spec.data.max_eval_examples
+        if development:
+            skip, count = skip + (count or 0), spec.finetune.curve_examples
         self.model.eval()
         return evaluate(self.model, self.tokenizer, self.task.name, self.languages["evaluation"],
-                        data_dir=spec.data.dir, max_examples=spec.data.max_eval_examples,
-                        skip_examples=spec.data.skip_eval_examples, seed=spec.seed,
-                        train_fraction=spec.data.train_fraction, masks=masks)
+                        data_dir=spec.data.dir, max_examples=count, skip_examples=skip, seed=spec.seed,
+                        train_fraction=spec.data.train_fraction, masks=masks, verbose=not development)
 
     def _masks_per_language(self) -> dict:
         """Each evaluation language's mask (the shared one for all, or its own)."""
@@ -642,7 +654,6 @@ class Run:
             self.state.sources.update({f"eval.{k}": v for k, v in result.sources.items()})
             self.state.sources.update({f"train.{k}": v for k, v in self.data.sources.items()})
             self.log.metrics(result.metrics)
-            self.log.text(result.table(), "results/per_language.txt")
             print(result.table(), flush=True)
         self.state.advance("finalize")
         self.report()
