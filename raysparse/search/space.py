@@ -109,9 +109,10 @@ def check_space(space: Mapping[str, Param], base: dict) -> None:
             missing = [v for v in allowed if v not in seen[other].choice]
             if missing:
                 raise RaysparseError(f"space.{path}.when: {missing} never occur in {other}'s choices {seen[other].choice}")
-        # an algorithm's option is valid with the algorithm that takes it: try each the space may choose
+        # an algorithm's option (or learning steps) is valid with the algorithm that takes it: try each the
+        # space may choose
         algorithms = [None]
-        if path.startswith("pruning.options.") and "pruning.algorithm" in space:
+        if (path.startswith("pruning.options.") or path == "pruning.learning_steps") and "pruning.algorithm" in space:
             algorithms += list(space["pruning.algorithm"].choice or [])
         for value in param.values_for_check():
             errors = []
