@@ -9,6 +9,12 @@ Other results share the flat namespace and some have three parts too
 (``cost/finetune/wall_s``, ``latency/pruned/b8_ms``), so :func:`parse_metric_key` only
 says whether a key has the *shape* of a quality key; callers keep the keys of the task
 they mean (``parsed.task == task``), as :func:`languages_in` does.
+
+A quality value's bootstrap 95% interval (:mod:`raysparse.data.bootstrap`) is logged beside it under
+a prefix, ``ci95_low/<task>/<lang>/<metric>`` and ``ci95_high/<task>/<lang>/<metric>`` (aggregates
+too), as the dense model's quality is under ``dense/``: a prefixed key has four parts, so
+:func:`parse_metric_key` does not take it for a quality key, and :func:`languages_in`, tables and
+objectives never see it. :func:`interval_keys` builds the pair, :func:`interval_of` reads it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ AVG = "avg"
 WORST = "worst"
 AGGREGATES: tuple[str, ...] = (AVG, WORST)   # the mean over languages, the lowest language
 SEPARATOR = "/"
+INTERVAL_BOUNDS: tuple[str, ...] = ("ci95_low", "ci95_high")   # prefixes of a 95% interval's bounds
 
 
 def metric_key(task: str, language: str, metric: str) -> str:
@@ -38,6 +45,18 @@ def avg_key(task: str, metric: str) -> str:
 def worst_key(task: str, metric: str) -> str:
     """``<task>/worst/<metric>``: the lowest language's ``metric``."""
     return metric_key(task, WORST, metric)
+
+
+def interval_keys(key: str) -> tuple[str, str]:
+    """The keys of the lower and upper bound of ``key``'s 95% interval: ``ci95_low/<key>``, ``ci95_high/<key>``."""
+    low, high = INTERVAL_BOUNDS
+    return f"{low}{SEPARATOR}{key}", f"{high}{SEPARATOR}{key}"
+
+
+def interval_of(values, key: str) -> tuple[float, float] | None:
+    """``key``'s logged 95% interval in ``values`` (a mapping of metric keys); None unless both bounds are numbers."""
+    low, high = (values.get(k) for k in interval_keys(key))
+    return (low, high) if isinstance(low, (int, float)) and isinstance(high, (int, float)) else None
 
 
 def is_aggregate(language: str) -> bool:
@@ -121,6 +140,7 @@ def key_pattern(task: str, metrics: Iterable[str]) -> str:
 
 
 __all__ = [
-    "AGGREGATES", "AVG", "MetricKey", "WORST", "avg_key", "check_languages", "is_aggregate", "key_pattern",
-    "languages_in", "metric_key", "parse_metric_key", "task_keys", "with_language", "worst_key", "worst_of",
+    "AGGREGATES", "AVG", "INTERVAL_BOUNDS", "MetricKey", "WORST", "avg_key", "check_languages", "interval_keys",
+    "interval_of", "is_aggregate", "key_pattern", "languages_in", "metric_key", "parse_metric_key", "task_keys",
+    "with_language", "worst_key", "worst_of",
 ]

@@ -1,16 +1,23 @@
-"""Per-language evaluation of the embedded model (no fine-tuning), and `raysparse evaluate`."""
+"""Per-language evaluation of the embedded model (no fine-tuning), and `raysparse evaluate`; per-example
+statistics and 95% intervals of every task kind on the tiny random encoder."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import raysparse
 from raysparse.cli import main
+from raysparse.data.bootstrap import paired_difference, percentile_interval, point_estimates, pool_differences, \
+    record_stats, resample
 from raysparse.data.load import languages
+from raysparse.metric_keys import metric_key
+from raysparse.structure import Mask
 from raysparse.training.evaluate import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -91,3 +98,66 @@ def test_bucc_mining_when_its_files_exist(encoder, embedded_tokenizer, tmp_path)
     assert set(result.metrics) == {f"bucc/{lang}/{m}" for lang in ("de", "avg", "worst")
                                    for m in ("f1", "precision", "recall")}
     assert result.per_language["de"] == {"f1": 1.0, "precision": 1.0, "recall": 1.0}
+
+
+# --- per-example statistics and 95% intervals, on the tiny random encoder -----------------------------------
+
+TINY_TASKS = {"xnli": ["en", "de"], "udpos": ["en", "de"], "panx": ["en", "de"], "mlqa": ["en", "de"],
+              "tatoeba": ["de", "fr"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir):
+    return raysparse.load_tokenizer(str(tiny_model_dir))
+
+
+def tiny_model(tiny_model_dir, task):
+    from raysparse.training.batches import build_task_model
+
+    encoder = raysparse.load_model(str(tiny_model_dir))
+    return encoder if task == "tatoeba" else build_task_model(encoder, task, seed=0)
+
+
+@pytest.mark.parametrize("task", TINY_TASKS)
+@pytest.mark.timeout(120)
+def test_per_example_statistics_reproduce_the_reported_metric(task, tiny_model_dir, tiny_tokenizer, data_dir):
+    result = evaluate(tiny_model(tiny_model_dir, task), tiny_tokenizer, task, TINY_TASKS[task], data_dir=data_dir,
+                      max_examples=40, max_length=128, stride=64, verbose=False)
+    print(result.table())
+    metric, form = result.primary_metric, result.example_form
+    assert list(result.example_stats) == TINY_TASKS[task]
+    assert all(len(result.example_stats[lang]) == result.examples[lang] == 40 for lang in TINY_TASKS[task])
+    estimates = point_estimates(form, result.example_stats)
+    for language in [*TINY_TASKS[task], "avg", "worst"]:
+        reported = result.metrics[metric_key(task, language, metric)]
+        if task == "mlqa":   # a mean of float F1s: summed in another order
+            assert estimates[language] == pytest.approx(reported, abs=1e-12)
+        else:
+            assert estimates[language] == reported, language
+        low, high = result.interval(language)
+        assert result.metrics[f"ci95_low/{task}/{language}/{metric}"] == low and low <= high
+        if language != "worst":   # the minimum of resampled metrics leans low
+            assert low <= reported <= high, language
+    assert f"95% interval ({metric})" in result.table().splitlines()[1]
+    record = json.loads(json.dumps(result.examples_record()))
+    assert record_stats(record, task).keys() == set(TINY_TASKS[task]) and record["form"] == form
+
+
+@pytest.mark.timeout(300)
+def test_paired_difference_on_real_evaluation_output(encoder, embedded_tokenizer, data_dir):
+    """The embedded model on 200 Swahili Tatoeba pairs, whole and with 30% of its heads masked at random: scored on
+    the same pairs, their paired difference is narrower than the unpaired one; a run against itself is [0, 0]."""
+    mask = Mask.for_model(encoder)
+    mask.kept_heads = torch.rand(mask.kept_heads.shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    options = dict(data_dir=data_dir, max_examples=200, verbose=False)
+    whole = evaluate(encoder, embedded_tokenizer, "tatoeba", ["sw"], **options)
+    masked = evaluate(encoder, embedded_tokenizer, "tatoeba", ["sw"], masks={"sw": mask}, **options)
+    assert whole.example_stats != masked.example_stats
+    same = paired_difference("mean", whole.example_stats, whole.example_stats)
+    assert same == {"sw": (0.0, 0.0), "avg": (0.0, 0.0), "worst": (0.0, 0.0)}
+    paired = paired_difference("mean", whole.example_stats, masked.example_stats)["avg"]
+    unpaired = percentile_interval(pool_differences([resample("mean", whole.example_stats)],
+                                                    [resample("mean", masked.example_stats, seed=1)])["avg"])
+    print(f"masked minus whole: paired {paired}, unpaired {unpaired}")
+    assert paired[0] <= masked.average - whole.average <= paired[1]
+    assert paired[1] - paired[0] < unpaired[1] - unpaired[0]

@@ -19,6 +19,7 @@ from raysparse.cli import main
 from raysparse.data.features import IGNORE_INDEX
 from raysparse.data.regimes import evaluation_data, training_data
 from raysparse.errors import RaysparseError
+from raysparse.metric_keys import interval_keys
 from raysparse.models.heads import TaskModel
 from raysparse.structure import Mask, save_pruned
 from raysparse.structure.adapters import Encoder
@@ -63,7 +64,8 @@ def test_xnli_zero_shot_beats_majority(xnli, data_dir):
         if accuracy > majority + 0.02:
             beaten.append(language)
     assert len(beaten) >= 2, result.table()
-    assert set(result.metrics) == {f"xnli/{k}/accuracy" for k in [*XNLI_LANGUAGES, "avg", "worst"]}
+    keys = {f"xnli/{k}/accuracy" for k in [*XNLI_LANGUAGES, "avg", "worst"]}
+    assert set(result.metrics) == keys | {bound for key in keys for bound in interval_keys(key)}
     assert all("eval part" in result.sources[language] and "seeded dev split" in result.sources[language]
                for language in XNLI_LANGUAGES)
     assert result.examples == dict.fromkeys(XNLI_LANGUAGES, XNLI_EXAMPLES)
@@ -122,7 +124,8 @@ def test_panx_tagging_smoke(embedded_dir, embedded_tokenizer, data_dir):
     result = evaluate(model, embedded_tokenizer, "panx", ["en", "de"], data_dir=data_dir, max_examples=24, max_length=64)
     print(result.table())
     assert set(result.metrics) == {f"panx/{lang}/{metric}" for lang in ("en", "de", "avg", "worst")
-                                   for metric in ("f1", "precision", "recall")}
+                                   for metric in ("f1", "precision", "recall")} | \
+        {bound for lang in ("en", "de", "avg", "worst") for bound in interval_keys(f"panx/{lang}/f1")}
     assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
     assert "dev-de.tsv.gz, eval part" in result.sources["de"] and "all" in result.sources["en"]
 
@@ -141,7 +144,8 @@ def test_mlqa_qa_smoke(embedded_dir, embedded_tokenizer, data_dir):
                       stride=64)
     print(result.table())
     assert set(result.metrics) == {f"mlqa/{lang}/{metric}" for lang in ("en", "de", "avg", "worst")
-                                   for metric in ("f1", "exact_match")}
+                                   for metric in ("f1", "exact_match")} | \
+        {bound for lang in ("en", "de", "avg", "worst") for bound in interval_keys(f"mlqa/{lang}/f1")}
     assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
 
 

@@ -97,3 +97,16 @@ def test_module_imports_only_errors_from_raysparse():
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
     assert {name for name in imported if name.split(".")[0] == "raysparse"} == {"raysparse.errors"}
+
+
+def test_interval_keys_are_prefixed_and_never_taken_for_quality_keys():
+    from raysparse.metric_keys import interval_keys, interval_of
+
+    low, high = interval_keys(avg_key("xnli", "accuracy"))
+    assert (low, high) == ("ci95_low/xnli/avg/accuracy", "ci95_high/xnli/avg/accuracy")
+    assert parse_metric_key(low) is None and parse_metric_key(f"dense/{high}") is None
+    values = {"xnli/de/accuracy": 0.5, "xnli/avg/accuracy": 0.5, low: 0.4, high: 0.6,
+              **dict(zip(interval_keys("xnli/de/accuracy"), (0.3, 0.7)))}
+    assert languages_in(values, "xnli") == ["de"] and [k.key for k in task_keys(values, "xnli")] == \
+        ["xnli/de/accuracy", "xnli/avg/accuracy"]
+    assert interval_of(values, "xnli/avg/accuracy") == (0.4, 0.6) and interval_of(values, "xnli/fr/accuracy") is None

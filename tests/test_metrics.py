@@ -1,6 +1,10 @@
-"""Metrics against hand-computed values and the reference libraries (scikit-learn, seqeval)."""
+"""Metrics against hand-computed values and the reference libraries (scikit-learn, seqeval); per-example
+statistics and their bootstrap intervals on real rows with hand-made predictions."""
 
 from __future__ import annotations
+
+import json
+import time
 
 import numpy as np
 import pytest
@@ -11,15 +15,35 @@ from raysparse.data import (
     accuracy,
     aggregate,
     answer_f1,
+    answer_f1_examples,
     bucc_scores,
+    correct_examples,
+    entity_examples,
     entity_scores,
     exact_match,
     normalize_answer,
     retrieval_accuracy,
+    retrieval_examples,
     squad_scores,
     tagging_scores,
+    token_examples,
     token_scores,
 )
+from raysparse.data.bootstrap import (
+    compact,
+    examples_record,
+    intervals,
+    metric_from_sums,
+    paired_difference,
+    percentile_interval,
+    point_estimates,
+    pool_differences,
+    record_stats,
+    resample,
+    same_examples,
+)
+from raysparse.data.regimes import evaluation_data
+from raysparse.data.tasks import get_task
 from raysparse.errors import RaysparseError
 
 
@@ -109,3 +133,122 @@ def test_aggregate_flat_keys_avg_and_worst():
     assert len(flat) == 5 + 4
     with pytest.raises(RaysparseError, match="reserved"):
         aggregate({"avg": {"f1": 1.0}}, "xquad")
+
+
+# --- per-example statistics and bootstrap intervals (raysparse.data.bootstrap), on real rows ----------------
+
+
+
+def _rows(task: str, language: str, count: int):
+    rows = evaluation_data(task, [language], 0, 0.5)[language].rows
+    return rows.select(range(min(count, len(rows))))
+
+
+def _perturbed(sequences, names, share: float, seed: int):
+    """Tag sequences with ``share`` of the tags replaced by random names (broken spans included)."""
+    rng = np.random.default_rng(seed)
+    return [[names[rng.integers(len(names))] if rng.random() < share else tag for tag in sentence]
+            for sentence in sequences]
+
+
+def _tag_names(task: str, rows) -> list[list[str]]:
+    names = get_task(task).label_names
+    return [[names[t] for t in tags] for tags in rows["tags"]]
+
+
+def _predictions(labels, share: float, classes: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [int(rng.integers(classes)) if rng.random() < share else label for label in labels]
+
+
+def test_entity_counts_per_sentence_reproduce_seqeval_on_real_panx_rows(data_dir):
+    gold = _tag_names("panx", _rows("panx", "de", 400))
+    predicted = _perturbed(gold, get_task("panx").label_names, 0.15, seed=0)
+    counts = entity_examples(gold, predicted)
+    assert counts.shape == (len(gold), 3) and counts.dtype == np.int64
+    tp, fp, fn = counts.sum(axis=0)
+    scores = entity_scores(gold, predicted)
+    assert 0 < scores["f1"] < 1
+    assert float(metric_from_sums("f1", counts.sum(axis=0), len(counts))) == scores["f1"]   # exactly
+    assert (tp / (tp + fp), tp / (tp + fn)) == (scores["precision"], scores["recall"])
+    assert point_estimates("f1", {"de": counts})["de"] == scores["f1"] == seqeval_f1(gold, predicted)
+    assert float(metric_from_sums("f1", np.zeros(3), 0)) == entity_scores([["O"]], [["O"]])["f1"] == 0.0
+
+
+def test_per_example_statistics_reproduce_every_metric_on_real_rows(data_dir):
+    xnli = _rows("xnli", "de", 300)
+    predicted = _predictions(xnli["label"], 0.6, 3, seed=1)
+    correct = correct_examples(xnli["label"], predicted)
+    assert point_estimates("mean", {"de": correct})["de"] == accuracy(xnli["label"], predicted)
+
+    gold = _tag_names("udpos", _rows("udpos", "de", 200))
+    guessed = _perturbed(gold, get_task("udpos").label_names, 0.3, seed=2)
+    assert point_estimates("ratio", {"de": token_examples(gold, guessed)})["de"] == token_scores(gold, guessed)["accuracy"]
+
+    mlqa = _rows("mlqa", "de", 100)
+    references = {qid: list(answers["text"]) for qid, answers in zip(mlqa["id"], mlqa["answers"])}
+    answers = {qid: " ".join((gold[0] + " und so weiter").split()[: 1 + i % 4])   # partly right, some missing
+               for i, (qid, gold) in enumerate(references.items()) if i % 5}
+    f1s = answer_f1_examples(answers, references)
+    assert 0 < f1s.mean() < 1 and len(f1s) == len(references)
+    assert point_estimates("mean", {"de": f1s})["de"] == pytest.approx(squad_scores(answers, references)["f1"],
+                                                                       abs=1e-12)
+
+    rng = np.random.default_rng(3)
+    source = rng.normal(size=(200, 8))
+    target = source + rng.normal(scale=1.0, size=source.shape)
+    found = retrieval_examples(source, target)
+    assert point_estimates("mean", {"de": found})["de"] == retrieval_accuracy(source, target)
+
+
+def test_intervals_hold_the_estimate_and_narrow_with_more_examples(data_dir):
+    widths = {}
+    for count in (100, 1000):
+        rows = {lang: _rows("xnli", lang, count) for lang in ("de", "fr", "ru")}
+        stats = {lang: correct_examples(r["label"], _predictions(r["label"], 0.5, 3, seed=4)) for lang, r in rows.items()}
+        estimates, found = point_estimates("mean", stats), intervals("mean", stats)
+        assert set(found) == {"de", "fr", "ru", "avg", "worst"}
+        for key in ("de", "fr", "ru", "avg"):
+            assert found[key][0] <= estimates[key] <= found[key][1], key
+        assert found["worst"][0] <= estimates["worst"]
+        widths[count] = {key: high - low for key, (low, high) in found.items()}
+    assert all(widths[1000][key] < widths[100][key] for key in widths[100]), widths
+    assert intervals("mean", stats) == found and intervals("mean", stats, seed=1) != found   # seeded
+
+
+def test_paired_difference_of_a_run_with_itself_is_zero_and_pairing_narrows(data_dir):
+    rows = {lang: _rows("xnli", lang, 200) for lang in ("de", "fr")}
+    guesses = {lang: _predictions(r["label"], 0.5, 3, seed=5) for lang, r in rows.items()}
+    a = {lang: correct_examples(r["label"], guesses[lang]) for lang, r in rows.items()}
+    # b: a's predictions with a tenth of them redrawn, so the two runs agree on most examples
+    b = {lang: correct_examples(r["label"], _predictions(guesses[lang], 0.1, 3, seed=6)) for lang, r in rows.items()}
+    assert paired_difference("mean", a, a) == dict.fromkeys(["de", "fr", "avg", "worst"], (0.0, 0.0))
+    paired = paired_difference("mean", a, b)
+    unpaired = {key: percentile_interval(values)
+                for key, values in pool_differences([resample("mean", a)], [resample("mean", b, seed=1)]).items()}
+    for key in ("de", "fr", "avg"):
+        assert paired[key][1] - paired[key][0] < unpaired[key][1] - unpaired[key][0], key
+    with pytest.raises(RaysparseError, match="same examples"):
+        paired_difference("mean", a, {"de": a["de"][:-1], "fr": a["fr"]})
+
+
+def test_bootstrap_is_fast():
+    rng = np.random.default_rng(0)
+    counts = {lang: rng.integers(0, 3, size=(200, 3)) for lang in ("de", "fr", "es", "ru", "zh")}
+    started = time.perf_counter()
+    intervals("f1", counts, resamples=2000)
+    paired_difference("f1", counts, {lang: c[:, [0, 2, 1]] for lang, c in counts.items()}, resamples=2000)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_examples_record_is_compact_and_round_trips():
+    stats = {"de": np.array([1, 0, 1]), "fr": np.array([[2, 1, 0], [0, 0, 3]]), "es": np.array([0.123456, 1.0])}
+    assert compact(stats["de"]) == [1, 0, 1] and all(type(v) is int for v in compact(stats["de"]))
+    assert compact(stats["fr"]) == [[2, 1, 0], [0, 0, 3]] and compact(stats["es"]) == [0.1235, 1.0]
+    record = json.loads(json.dumps(examples_record("xnli", stats, {"de": "xnli/dev-de.tsv"}, skip=0)))
+    assert (record["task"], record["metric"], record["form"]) == ("xnli", "accuracy", "mean")
+    back = record_stats(record, "xnli")
+    assert back["fr"].tolist() == [[2, 1, 0], [0, 0, 3]] and back["de"].shape == (3, 1)
+    assert record_stats(record, "panx") is None and record_stats({"stats": {}}) is None
+    assert same_examples([record, record])
+    assert not same_examples([record, {**record, "sources": {**record["sources"], "de": "xnli/dev-de.tsv (seed=1)"}}])

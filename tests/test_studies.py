@@ -1,9 +1,10 @@
 """The paper's studies (experiments/studies/): every spec validates at every budget and asks the
 paper's question, each runs end to end at its tiny budget through the CLI on real Ray and a real
 MLflow server, and the committed results (docs/results/) regenerate from their stored run sets
-without network access."""
+without network access. Trials with per-example statistics get 95% intervals and verdicts."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,12 +14,15 @@ import time
 from pathlib import Path
 
 import jupytext
+import numpy as np
 import papermill
 import pytest
 
 from raysparse.config import load_spec
+from raysparse.data.bootstrap import examples_record, interval_metrics, point_estimates
+from raysparse.metric_keys import metric_key
 from raysparse.search import study
-from raysparse.search.report import load_runs, load_search, write_report
+from raysparse.search.report import SearchReport, load_runs, load_search, save_runs, write_report
 from raysparse.search.spec import SearchSpec, check_search, preflight_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +58,8 @@ def test_study_specs_validate_at_every_budget(name, budget, data_dir):
 
 def test_the_studies_ask_the_papers_questions():
     settings = study_spec("settings")
-    kinds = {"xnli": "classification", "panx": "tagging", "tatoeba": "retrieval"}
+    kinds = {"udpos": "tagging", "panx": "tagging", "xnli": "classification", "pawsx": "classification",
+             "tatoeba": "retrieval"}
     assert set(values(settings, "data.task")) == set(kinds)
     assert set(values(settings, "pruning.setting")) == {"shared", "per-language"}
     cells = {(t["data.task"], t["pruning.setting"], t["pruning.sparsity"]) for t in settings.trials}
@@ -63,11 +68,26 @@ def test_the_studies_ask_the_papers_questions():
 
     algorithms = study_spec("algorithms")
     assert set(values(algorithms, "pruning.algorithm")) >= {"gradient", "magnitude", "random", "l0", "movement"}
+    assert set(values(algorithms, "data.task")) == set(kinds)
     at = {}
     for trial in algorithms.trials:
-        at.setdefault(trial["pruning.algorithm"], set()).add(trial["pruning.sparsity"])
-    assert len({frozenset(s) for s in at.values()}) == 1, "every algorithm at the same sparsities"
-    assert len({t["seed"] for t in algorithms.trials if t["pruning.algorithm"] == "random"}) >= 2
+        at.setdefault((trial["data.task"], trial["pruning.algorithm"]), set()).add(trial["pruning.sparsity"])
+    assert len({frozenset(s) for s in at.values()}) == 1, "every algorithm at the same sparsities on every task"
+    assert len(next(iter(at.values()))) >= 3
+    assert len({t["seed"] for t in algorithms.trials if t["pruning.algorithm"] == "random"}) >= 3
+    learners = [t for t in algorithms.trials if t["pruning.algorithm"] in ("l0", "movement")]
+    assert all(t["pruning.learning_steps"] for t in learners), "L0 and movement start from the cached fine-tune"
+
+    # every fine-tuned trial of both studies fine-tunes exactly as its task's baseline: one cached model each
+    baselines = {t["data.task"]: t for t in study_spec("baselines").trials}
+    for trial in [*settings.trials, *algorithms.trials]:
+        if trial["data.task"] in baselines:
+            for path in ("finetune.steps", "finetune.learning_rate"):
+                assert trial[path] == baselines[trial["data.task"]][path], (trial["data.task"], path)
+    base, reference = settings.base_spec(), study_spec("baselines").base_spec()
+    for path in ("regime", "max_train_examples", "max_length", "train_fraction"):
+        assert getattr(base.data, path) == getattr(reference.data, path), path
+    assert base.finetune.batch_size == reference.finetune.batch_size
 
     efficiency = study_spec("efficiency")
     depth = {t["pruning.sparsity"] for t in efficiency.trials if t["pruning.algorithm"] == "layerdrop"}
@@ -218,3 +238,144 @@ def test_report_notebook_runs_on_a_stored_run_set(tmp_path):
         cwd=str(tmp_path), progress_bar=False)
     assert (tmp_path / "report" / "report.md").read_text() == (COMMITTED / "efficiency" / "report.md").read_text()
     assert (tmp_path / "report" / "efficiency.png").is_file()
+
+
+# --- 95% intervals and verdicts from per-example statistics ---------------------------------------------------
+
+LANGS = ("de", "fr")
+
+
+def correct(p: float, n: int = 300, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random(n) < p).astype(np.int64)
+
+
+def flipped(values: np.ndarray, count: int, to: int, seed: int = 1) -> np.ndarray:
+    """``values`` with ``count`` of the examples that are not ``to`` set to ``to``."""
+    out = values.copy()
+    where = np.flatnonzero(out != to)
+    out[np.random.default_rng(seed).choice(where, size=count, replace=False)] = to
+    return out
+
+
+def trial(name: str, stats: dict, *, setting="shared", algorithm="gradient", level=0.5, seed=0, sources=None) -> dict:
+    """A Tatoeba trial row as load_search makes it: spec values, quality metrics and its examples record."""
+    estimates = point_estimates("mean", stats)
+    return {"trial": name, "run_name": name, "task": "tatoeba", "algorithm": algorithm, "setting": setting,
+            "schedule": "one-shot", "target_sparsity": level, "seed": seed, "trim_vocabulary": False,
+            **{metric_key("tatoeba", lang, "accuracy"): value for lang, value in estimates.items()},
+            "examples": examples_record("tatoeba", stats, sources or {lang: f"tatoeba.{lang}-eng (whole)" for lang in stats})}
+
+
+def verdict_lines(rows: list[dict]) -> list[str]:
+    return [line for line in study.findings(study.points(rows, {}), rows) if "verdict" in line]
+
+
+def test_settings_verdicts_by_paired_intervals():
+    shared = {lang: correct(0.8, seed=i) for i, lang in enumerate(LANGS)}
+    worse = {lang: flipped(values, 40, 0) for lang, values in shared.items()}
+    better = {lang: flipped(values, 40, 1) for lang, values in shared.items()}
+    cases = {"confirmed": worse, "contradicted": better, "undecided": shared}
+    for expected, per_language in cases.items():
+        rows = [trial("a", shared), trial("b", per_language, setting="per-language")]
+        (line,) = verdict_lines(rows)
+        assert line.startswith(f"settings, tatoeba: verdict {expected} ") and "(paired)" in line, line
+    (line,) = verdict_lines([trial("a", shared, level=0.3), trial("b", worse, setting="per-language", level=0.3),
+                             trial("c", shared, level=0.5), trial("d", shared, setting="per-language", level=0.5)])
+    assert "verdict confirmed" in line and "at 0.3: [-" in line and "] confirmed; at 0.5: [+0.0, +0.0] undecided" in line
+    other = {lang: f"tatoeba.{lang}-eng (another part)" for lang in LANGS}
+    (line,) = verdict_lines([trial("a", shared), trial("b", worse, setting="per-language", sources=other)])
+    assert "(unpaired)" in line
+
+
+def test_algorithm_verdicts_take_gradient_as_the_simplest():
+    gradient = {lang: correct(0.8, seed=i) for i, lang in enumerate(LANGS)}
+    worse = lambda seed: {lang: flipped(values, 50, 0, seed) for lang, values in gradient.items()}
+    rows = [trial("g", gradient), trial("m", worse(1), algorithm="magnitude"),
+            trial("r1", worse(2), algorithm="random", seed=1), trial("r2", worse(3), algorithm="random", seed=2)]
+    (line,) = verdict_lines(rows)
+    assert line.startswith("algorithms, tatoeba: verdict confirmed (the simplest method, gradient, performs best)")
+    assert "at 0.5: magnitude [+" in line and "random [+" in line
+    better = {lang: flipped(values, 50, 1) for lang, values in gradient.items()}
+    (line,) = verdict_lines([*rows, trial("l", better, algorithm="l0")])
+    assert "verdict contradicted" in line and "l0 [-" in line
+    (line,) = verdict_lines([trial("g", gradient), trial("x", gradient, algorithm="magnitude")])
+    assert "verdict undecided" in line
+    assert verdict_lines([trial("m", worse(1), algorithm="magnitude"), trial("l", better, algorithm="l0")]) == []
+    assert study.overall(["confirmed", "undecided"]) == "confirmed"
+    assert study.overall(["contradicted", "undecided"]) == "contradicted"
+    assert study.overall(["confirmed", "contradicted"]) == study.overall(["undecided"]) == "undecided"
+
+
+def test_rows_without_statistics_render_as_before_and_logged_intervals_decide():
+    shared = {lang: correct(0.8, seed=i) for i, lang in enumerate(LANGS)}
+    rows = [trial("a", shared), trial("b", {lang: flipped(v, 60, 0) for lang, v in shared.items()},
+                                        setting="per-language")]
+    bare = [{k: v for k, v in row.items() if k != "examples"} for row in rows]
+    assert verdict_lines(bare) == [] and "[" not in study.quality_table(study.points(bare, {}), "tatoeba")
+    logged = [{**row, **interval_metrics("tatoeba", "accuracy", "mean", shared if i == 0 else
+                                         {lang: flipped(v, 60, 0) for lang, v in shared.items()})}
+              for i, row in enumerate(bare)]
+    (line,) = verdict_lines(logged)
+    assert "verdict confirmed" in line and "(logged intervals)" in line
+
+
+def test_quality_tables_show_intervals_and_pool_seeds():
+    rows = [trial("r1", {lang: correct(0.7, seed=1) for lang in LANGS}, algorithm="random", seed=1),
+            trial("r2", {lang: correct(0.6, seed=2) for lang in LANGS}, algorithm="random", seed=2),
+            trial("g", {lang: correct(0.8, seed=3) for lang in LANGS})]
+    items = study.points(rows, {})
+    table = study.quality_table(items, "tatoeba")
+    print(table)
+    number = r"\d\.\d{3}"
+    body = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert re.fullmatch(rf"{number} ± {number} \(n=2\) \[{number}, {number}\]", body[0][1])   # random avg
+    assert re.fullmatch(rf"{number} \[{number}, {number}\]", body[0][3])                      # gradient avg
+    one_seed = study.interval([items[0]], "tatoeba", "avg")
+    pooled = study.interval(items[:2], "tatoeba", "avg")
+    assert pooled[1] - pooled[0] > one_seed[1] - one_seed[0], "the seeds' spread widens the pooled interval"
+    assert all(re.search(rf"\[{number}, {number}\]", cell)   # every language and aggregate
+               for cell in study.language_table(items, "tatoeba").splitlines()[2].split(" | ")[2:])
+
+
+def test_run_set_keeps_the_statistics_compactly(tmp_path):
+    f1s = {"de": np.array([0.123456789, 1.0, 0.0, 2 / 3]), "fr": np.array([0.5, 0.25, 1 / 7, 0.0])}
+    rows = [trial("a", {lang: correct(0.8, seed=i) for i, lang in enumerate(LANGS)}),
+            trial("b", {lang: correct(0.7, seed=i) for i, lang in enumerate(LANGS)}, setting="per-language"),
+            {**trial("q", {lang: correct(0.5) for lang in LANGS}, level=0.7), "examples": examples_record("mlqa", f1s, {})}]
+    report = SearchReport("intervals", None, [("tatoeba/avg/accuracy", "max")], rows)
+    path = save_runs(report, tmp_path / "runs.json")
+    text = path.read_text()
+    assert '"de": [1,1,1,' in text and '"de": [0.1235,1.0,0.0,0.6667]' in text   # one line per language
+    loaded = load_runs(path)
+    assert loaded.rows[0]["examples"] == rows[0]["examples"]
+    assert all(type(v) is int for v in loaded.rows[0]["examples"]["stats"]["de"])
+    assert loaded.rows[2]["examples"]["stats"]["fr"] == [0.5, 0.25, 0.1429, 0.0]
+    assert save_runs(loaded, tmp_path / "again.json").read_text() == text
+    written = write_report(loaded, tmp_path / "report")
+    assert "examples" not in (tmp_path / "report" / "trials.csv").read_text().splitlines()[0].split(",")
+    assert "settings, tatoeba: verdict" in written["report"].read_text()
+
+
+def test_load_search_reads_each_trials_examples(tracking_server):
+    """Trials logged as a worker logs them (a compact results/examples.json through RunLogger), read back."""
+    from raysparse.tracking.runs import EXAMPLES_ARTIFACT, RunLogger, client, experiment_id
+
+    mlflow = client(tracking_server)
+    experiment = experiment_id(mlflow, "test-examples")
+    parent = mlflow.create_run(experiment, tags={"raysparse.search": "examples-search", "raysparse.kind": "search"})
+    stats = {lang: correct(0.8, n=50, seed=i) for i, lang in enumerate(LANGS)}
+    for name, logged in (("with", True), ("without", False)):
+        run = mlflow.create_run(experiment, run_name=name, tags={
+            "raysparse.search": "examples-search", "raysparse.kind": "trial", "mlflow.parentRunId": parent.info.run_id,
+            "raysparse.search_run_id": parent.info.run_id})
+        mlflow.log_param(run.info.run_id, "data.task", "tatoeba")
+        log = RunLogger(tracking_server, run.info.run_id)
+        log.metrics({"tatoeba/avg/accuracy": 0.8, **interval_metrics("tatoeba", "accuracy", "mean", stats)})
+        if logged:
+            log.json(examples_record("tatoeba", stats, {}), EXAMPLES_ARTIFACT, compact=True)
+        mlflow.set_terminated(run.info.run_id)
+    mlflow.set_terminated(parent.info.run_id)
+    report = load_search("examples-search", tracking_server)
+    by_name = {row["run_name"]: row for row in report.rows}
+    assert by_name["with"]["examples"] == examples_record("tatoeba", stats, {})
+    assert "examples" not in by_name["without"] and "ci95_low/tatoeba/avg/accuracy" in by_name["without"]

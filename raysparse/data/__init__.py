@@ -26,8 +26,10 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "metrics": (
         "accuracy", "aggregate", "answer_f1", "bucc_scores", "entity_scores", "exact_match", "normalize_answer",
-        "retrieval_accuracy", "squad_scores", "tagging_scores", "token_scores",
+        "retrieval_accuracy", "squad_scores", "tagging_scores", "token_scores", "correct_examples", "entity_examples",
+        "token_examples", "tagging_examples", "answer_f1_examples", "retrieval_examples",
     ),
+    "bootstrap": ("example_form", "intervals", "paired_difference", "point_estimates", "metric_from_sums"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

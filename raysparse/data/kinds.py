@@ -51,6 +51,16 @@ class TrainingLanguages:
     finetune: list[str]        # the languages fine-tuning reads
 
 
+@dataclass(frozen=True)
+class Scores:
+    """One language's scores: ``metrics`` (name -> value) and ``examples``, the per-example statistics of the
+    primary metric ([examples, columns] in the form :func:`raysparse.data.bootstrap.example_form` names;
+    None for a task without them)."""
+
+    metrics: dict[str, float]
+    examples: np.ndarray | None = None
+
+
 class Kind:
     """The decisions of one task kind. Subclasses override what differs."""
 
@@ -81,9 +91,9 @@ class Kind:
     def eval_features(self, rows: Dataset, tokenizer, max_length: int, stride: int = 128, prefix: str = "") -> Dataset:
         return self.train_features(rows, tokenizer, max_length)
 
-    def score(self, task: Task, rows: Dataset, features: Dataset | None,
-              outputs: Mapping[str, Any]) -> dict[str, float]:
-        """The task's metrics of one language from the model's outputs (per feature row)."""
+    def score(self, task: Task, rows: Dataset, features: Dataset | None, outputs: Mapping[str, Any]) -> Scores:
+        """The task's metrics of one language from the model's outputs (per feature row), with the
+        per-example statistics of its primary metric (:mod:`raysparse.data.bootstrap`)."""
         raise NotImplementedError
 
     # --- training ------------------------------------------------------------------------
@@ -116,9 +126,10 @@ class PairClassification(Kind):
         return pair_features(rows, tokenizer, max_length)
 
     def score(self, task, rows, features, outputs):
-        from raysparse.data.metrics import accuracy
+        from raysparse.data.metrics import accuracy, correct_examples
 
-        return {"accuracy": accuracy(list(rows["label"]), [int(o.argmax()) for o in outputs["logits"]])}
+        labels, predicted = list(rows["label"]), [int(o.argmax()) for o in outputs["logits"]]
+        return Scores({"accuracy": accuracy(labels, predicted)}, correct_examples(labels, predicted))
 
 
 class Tagging(Kind):
@@ -132,11 +143,11 @@ class Tagging(Kind):
 
     def score(self, task, rows, features, outputs):
         from raysparse.data.features import tagging_predictions
-        from raysparse.data.metrics import tagging_scores
+        from raysparse.data.metrics import tagging_examples, tagging_scores
 
         predicted = [o.argmax(-1) for o in outputs["logits"]]
         gold, guessed = tagging_predictions(features["labels"], predicted, task.label_names)
-        return tagging_scores(task.name, gold, guessed)
+        return Scores(tagging_scores(task.name, gold, guessed), tagging_examples(task.name, gold, guessed))
 
 
 class QuestionAnswering(Kind):
@@ -156,14 +167,14 @@ class QuestionAnswering(Kind):
 
     def score(self, task, rows, features, outputs):
         from raysparse.data.features import qa_predictions
-        from raysparse.data.metrics import squad_scores
+        from raysparse.data.metrics import answer_f1_examples, squad_scores
 
         start_logits = stack_ragged(outputs["start_logits"])
         end_logits = stack_ragged(outputs["end_logits"])
         predictions = qa_predictions(rows, features, start_logits, end_logits)
         references = {qid: list(answers["text"]) for qid, answers in zip(rows["id"], rows["answers"])}
         scores = squad_scores(predictions, references)
-        return {name: scores[name] for name in task.metric_names}
+        return Scores({name: scores[name] for name in task.metric_names}, answer_f1_examples(predictions, references))
 
 
 class Retrieval(Kind):
@@ -182,9 +193,10 @@ class Retrieval(Kind):
 
     def score(self, task, rows, features, outputs):
         """``outputs``: the ``source`` and ``target`` sentence embeddings, row by row."""
-        from raysparse.data.metrics import retrieval_accuracy
+        from raysparse.data.metrics import retrieval_examples
 
-        return {"accuracy": retrieval_accuracy(outputs["source"], outputs["target"])}
+        found = retrieval_examples(outputs["source"], outputs["target"])
+        return Scores({"accuracy": float(found.mean())}, found)
 
     def training_languages(self, task, present, evaluation, regime, data_dir=None):
         """Retrieval trains (and scores) on XNLI premises paired with English: every XNLI language but English."""
@@ -235,5 +247,5 @@ def stack_ragged(rows: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-__all__ = ["KINDS", "Kind", "PairClassification", "QuestionAnswering", "Retrieval", "Tagging", "TrainingLanguages",
-           "kind_of", "stack_ragged"]
+__all__ = ["KINDS", "Kind", "PairClassification", "QuestionAnswering", "Retrieval", "Scores", "Tagging",
+           "TrainingLanguages", "kind_of", "stack_ragged"]

@@ -11,6 +11,12 @@
   over gold answers. MLQA's official script normalises per language; this does not.
 - Retrieval: top-1 accuracy of cosine nearest neighbours (Tatoeba); F1 of mined pairs (BUCC).
 
+Beside each task's primary metric, ``*_examples`` functions give its per-example sufficient
+statistics (rows of numbers whose column sums determine the metric, one row per example), which
+:mod:`raysparse.data.bootstrap` resamples for 95% intervals: correct or not (accuracy), correct and
+scored tokens per sentence (token accuracy), entity tp/fp/fn per sentence (entity F1), F1 per
+question (QA), own translation found or not (retrieval).
+
 ``evaluate.load`` would fetch metric scripts from the hub, so nothing here uses it.
 """
 
@@ -25,6 +31,7 @@ import numpy as np
 from seqeval.metrics import f1_score as seqeval_f1
 from seqeval.metrics import precision_score as seqeval_precision
 from seqeval.metrics import recall_score as seqeval_recall
+from seqeval.metrics.sequence_labeling import get_entities
 from sklearn.metrics import accuracy_score
 from sklearn.metrics import f1_score as sklearn_f1
 
@@ -34,10 +41,14 @@ from raysparse.metric_keys import avg_key, check_languages, metric_key, worst_ke
 # --- classification and tagging -----------------------------------------------------------
 
 
-def accuracy(labels: Sequence, predictions: Sequence) -> float:
-    """Share of predictions equal to their labels."""
+def _check_lengths(labels: Sequence, predictions: Sequence) -> None:
     if len(labels) != len(predictions):
         raise RaysparseError(f"metrics: {len(labels)} labels but {len(predictions)} predictions (expected equal lengths)")
+
+
+def accuracy(labels: Sequence, predictions: Sequence) -> float:
+    """Share of predictions equal to their labels."""
+    _check_lengths(labels, predictions)
     return float(accuracy_score(list(labels), list(predictions)))
 
 
@@ -68,9 +79,43 @@ def token_scores(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str
     }
 
 
+def correct_examples(labels: Sequence, predictions: Sequence) -> np.ndarray:
+    """Per example: 1 where the prediction equals the label, else 0 (their mean is :func:`accuracy`)."""
+    _check_lengths(labels, predictions)
+    return np.array([int(label == prediction) for label, prediction in zip(labels, predictions)], dtype=np.int64)
+
+
+def entity_examples(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per sentence ``[tp, fp, fn]`` of entities under seqeval's default (conlleval) rules.
+
+    seqeval joins the sentences with an ``O`` between them, so no entity crosses a sentence
+    and the column sums are its micro counts: F1 from them is :func:`entity_scores`'s.
+    """
+    _check_sequences(gold, predicted)
+    rows = []
+    for gold_tags, predicted_tags in zip(gold, predicted):
+        true, found = set(get_entities(list(gold_tags))), set(get_entities(list(predicted_tags)))
+        tp = len(true & found)
+        rows.append((tp, len(found) - tp, len(true) - tp))
+    return np.array(rows, dtype=np.int64).reshape(len(rows), 3)
+
+
+def token_examples(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per sentence ``[correct tokens, tokens]``: summed, their ratio is :func:`token_scores`'s accuracy."""
+    _check_sequences(gold, predicted)
+    rows = [(sum(g == p for g, p in zip(gold_tags, predicted_tags)), len(gold_tags))
+            for gold_tags, predicted_tags in zip(gold, predicted)]
+    return np.array(rows, dtype=np.int64).reshape(len(rows), 2)
+
+
 def tagging_scores(task: str, gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> dict[str, float]:
     """The metrics of a tagging task: entity scores for NER (panx), token scores for POS."""
     return token_scores(gold, predicted) if task == "udpos" else entity_scores(gold, predicted)
+
+
+def tagging_examples(task: str, gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> np.ndarray:
+    """The per-sentence statistics of a tagging task's primary metric (token counts for POS, entity counts for NER)."""
+    return token_examples(gold, predicted) if task == "udpos" else entity_examples(gold, predicted)
 
 
 # --- extractive QA ------------------------------------------------------------------------
@@ -111,6 +156,13 @@ def _token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def answer_f1_examples(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Per question (in ``references``' order): its answer F1, 0 without a prediction (their mean is
+    :func:`squad_scores`'s ``f1``)."""
+    return np.array([answer_f1(predictions.get(question_id, ""), gold) for question_id, gold in references.items()],
+                    dtype=np.float64)
+
+
 def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, float]:
     """Mean ``exact_match`` and ``f1`` over the questions in ``references`` (id -> gold texts).
 
@@ -133,6 +185,11 @@ def squad_scores(predictions: Mapping[str, str], references: Mapping[str, Sequen
 
 def retrieval_accuracy(source_embeddings: np.ndarray, target_embeddings: np.ndarray) -> float:
     """Share of sources whose cosine-nearest target is their own translation (row i <-> row i)."""
+    return float(retrieval_examples(source_embeddings, target_embeddings).mean())
+
+
+def retrieval_examples(source_embeddings: np.ndarray, target_embeddings: np.ndarray) -> np.ndarray:
+    """Per source: 1 when its cosine-nearest target is its own translation (row i <-> row i), else 0."""
     source = np.asarray(source_embeddings, dtype=np.float64)
     target = np.asarray(target_embeddings, dtype=np.float64)
     if source.ndim != 2 or source.shape != target.shape:
@@ -142,7 +199,7 @@ def retrieval_accuracy(source_embeddings: np.ndarray, target_embeddings: np.ndar
     source = source / np.maximum(np.linalg.norm(source, axis=1, keepdims=True), 1e-12)
     target = target / np.maximum(np.linalg.norm(target, axis=1, keepdims=True), 1e-12)
     nearest = (source @ target.T).argmax(axis=1)
-    return float((nearest == np.arange(len(source))).mean())
+    return (nearest == np.arange(len(source))).astype(np.int64)
 
 
 def bucc_scores(predicted_pairs: Collection[tuple[str, str]], gold_pairs: Collection[tuple[str, str]]) -> dict[str, float]:

@@ -2,9 +2,13 @@
 
 Everything is read back from the tracking server, once: the finished trials of the search's
 latest parent run become flat rows (spec values, every metric, wall time) plus, for
-Dynamic Sparsification trials, the whole curve (``curve/...`` metric histories). That run
-set is written next to the report (``runs.json``), and :func:`load_runs` reads it back, so
-the same tables and plots regenerate anywhere, with no server and no network:
+Dynamic Sparsification trials, the whole curve (``curve/...`` metric histories). A trial that logged its
+per-example statistics (``results/examples.json``, :mod:`raysparse.data.bootstrap`) carries them
+as its row's ``examples`` record, from which the study tables draw 95% intervals and paired
+comparisons; a trial without them has none, and its numbers show without intervals. That run
+set is written next to the report (``runs.json``, the statistics one line per language), and
+:func:`load_runs` reads it back, so the same tables and plots regenerate anywhere, with no server
+and no network:
 
     raysparse report study-settings --out docs/results/settings      # from MLflow
     raysparse report --runs docs/results/settings/runs.json --out X  # from the stored run set
@@ -15,9 +19,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raysparse.data.bootstrap import compact
 from raysparse.errors import RaysparseError
 from raysparse.metric_keys import (
     AGGREGATES,
@@ -36,6 +42,7 @@ from raysparse.search.pareto import (
     pareto_plot,
     quality_vs_sparsity_plot,
 )
+from raysparse.search.study import EXAMPLES
 
 RUNSET_FORMAT = "raysparse-runset/1"
 RUNSET_FILE = "runs.json"
@@ -153,6 +160,10 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchReport:
     finished = sorted((r for r in trials if r.info.status == "FINISHED"),
                       key=lambda r: (r.info.start_time or 0, r.info.run_id))
     rows = [_clean(_row(run)) for run in finished]
+    for row, run in zip(rows, finished):
+        record = _examples(client, run)
+        if record is not None:
+            row[EXAMPLES] = _compact_record(record)
     curves = {row["trial"]: _curve(client, run) for row, run in zip(rows, finished) if row.get("schedule") == "dynamic"}
     return SearchReport(name, parent_id, objectives, rows, _clean({k: v for k, v in curves.items() if v}))
 
@@ -188,6 +199,24 @@ def _row(run) -> dict:
             "start_time": info.start_time, "wall_s": wall, **run.data.metrics}
 
 
+def _examples(client, run) -> dict | None:
+    """The trial's per-example statistics (its ``results/examples.json``), or None when it logged none."""
+    import tempfile
+
+    from raysparse.tracking.runs import EXAMPLES_ARTIFACT
+
+    folder = EXAMPLES_ARTIFACT.rpartition("/")[0]
+    if not any(f.path == EXAMPLES_ARTIFACT for f in client.list_artifacts(run.info.run_id, folder)):
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        return json.loads(Path(client.download_artifacts(run.info.run_id, EXAMPLES_ARTIFACT, scratch)).read_text())
+
+
+def _compact_record(record: dict) -> dict:
+    """An examples record with its statistics compact (ints as ints, floats to 4 digits), as runs.json keeps them."""
+    return {**record, "stats": {lang: compact(values) for lang, values in record.get("stats", {}).items()}}
+
+
 def _curve(client, run) -> dict[str, dict[str, float]]:
     """A DS trial's curve from its ``curve/...`` metric histories (step = sparsity in percent)."""
     curve: dict[str, dict[str, float]] = {}
@@ -213,12 +242,28 @@ def _clean(value):
 
 
 def save_runs(report: SearchReport, path: str | Path) -> Path:
-    """Write the run set (every row and curve) to JSON; :func:`load_runs` reads it back."""
+    """Write the run set (every row and curve) to JSON; :func:`load_runs` reads it back.
+
+    A row's per-example statistics are written compactly: ints as ints, floats to 4 digits, each
+    language's list on one line (a placeholder string stands in for it while the rest is indented).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lists: list[str] = []
+
+    def placeholder(values: list) -> str:
+        lists.append(json.dumps(values, separators=(",", ":"), allow_nan=False))
+        return f"@@stats-{len(lists) - 1}@@"
+
+    rows = [row if not isinstance(row.get(EXAMPLES), dict) else
+            {**row, EXAMPLES: {**(record := _compact_record(row[EXAMPLES])),
+                               "stats": {lang: placeholder(v) for lang, v in record["stats"].items()}}}
+            for row in report.rows]
     data = {"format": RUNSET_FORMAT, "name": report.name, "parent_run_id": report.parent_run_id,
-            "objectives": [list(o) for o in report.objectives], "rows": report.rows, "curves": report.curves}
-    path.write_text(json.dumps(_clean(data), indent=1, sort_keys=True, allow_nan=False) + "\n")
+            "objectives": [list(o) for o in report.objectives], "rows": rows, "curves": report.curves}
+    text = json.dumps(_clean(data), indent=1, sort_keys=True, allow_nan=False)
+    text = re.sub(r'"@@stats-(\d+)@@"', lambda match: lists[int(match.group(1))], text)
+    path.write_text(text + "\n")
     return path
 
 
@@ -307,9 +352,9 @@ def write_report(report: SearchReport, out_dir: str | Path) -> dict[str, Path]:
     written["languages"] = out / "per_language.txt"
     written["languages"].write_text(report.per_language_table() + "\n")
     written["csv"] = out / "trials.csv"
-    keys = sorted({k for r in report.rows for k in r})
+    keys = sorted({k for r in report.rows for k in r} - {EXAMPLES})   # the statistics stay in runs.json
     with open(written["csv"], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(report.rows)
     written["runs"] = save_runs(report, out / RUNSET_FILE)

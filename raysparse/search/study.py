@@ -6,6 +6,22 @@ the tables come out the same from MLflow or from an exported run set. A Dynamic
 Sparsification trial stands for one point per level of its grid. Trials that differ only by
 seed are averaged (mean, spread and count shown). Every number is formatted here, so a
 report regenerated from the same run set is byte for byte the same.
+
+Uncertainty. A trial whose row carries its per-example statistics (the ``examples`` record,
+:mod:`raysparse.data.bootstrap`) gets a bootstrap 95% interval beside every quality value of the
+quality and per-language tables: ``0.812 [0.781, 0.842]``. With several seeds in a cell the
+value is the seeds' mean with their spread, ``0.812 ± 0.010 (n=2) [0.771, 0.850]``, and the
+interval is that of the *pooled* resamples (1000 per seed, concatenated), so it spans the
+examples' variation and the seeds'. A cell with one trial and no statistics but logged interval
+keys (``ci95_low/...``, a Dynamic Sparsification level) shows those; anything else shows no interval.
+
+The findings carry a verdict per task, from the 95% interval of a difference in the average
+over languages of the primary metric: *paired* when every trial compared holds statistics on the
+same examples (same sources, first row and count per language: both sides take the same
+resampling draws), *unpaired* when they hold statistics on different examples (independent
+draws), and from the logged intervals when a side has none (one trial a side: the difference of
+the bounds, ``[low_b − high_a, high_b − low_a]``, a conservative interval). Without any, no
+verdict (the run sets of docs/results predate the statistics). See :func:`findings` for the rules.
 """
 
 from __future__ import annotations
@@ -14,9 +30,13 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 
-from raysparse.metric_keys import AGGREGATES, avg_key, languages_in, metric_key, worst_key
+from raysparse.data import bootstrap
+from raysparse.metric_keys import AGGREGATES, AVG, avg_key, interval_of, languages_in, metric_key, worst_key
 
 LABELS = ("variant", "algorithm", "setting", "schedule")   # what distinguishes curves, in this order
+EXAMPLES = "examples"   # the row field of a trial's per-example statistics (an examples record), when it has them
+SIMPLEST = "gradient"   # the simplest method of METHOD.md's second finding: gradient importance (Michel et al.)
+CONFIRMED, CONTRADICTED, UNDECIDED = "confirmed", "contradicted", "undecided"
 
 
 def primary_metric(task: str) -> str:
@@ -103,6 +123,97 @@ def cell(items: Sequence[dict], key: str, digits: int = 3, scale: float = 1.0) -
     return text
 
 
+# --- 95% intervals ---------------------------------------------------------------------------------------
+
+_RESAMPLED: dict[tuple, tuple[dict, dict]] = {}   # (id of a record, languages, seed) -> (record, resamples)
+
+
+def _records(items: Sequence[dict], task: str) -> list[dict] | None:
+    """The examples records of ``items`` for ``task``, or None unless every item has one."""
+    records = [p.get(EXAMPLES) for p in items]
+    ok = items and all(bootstrap.record_stats(r, task) is not None for r in records)
+    return records if ok else None
+
+
+def _resampled(records: Sequence[dict], seed: int = bootstrap.SEED) -> list[dict]:
+    """Every record resampled on the languages all of them have (cached: tables and findings ask again)."""
+    languages = tuple(lang for lang in records[0]["stats"] if all(r["stats"].get(lang) for r in records))
+    out = []
+    for record in records:
+        key = (id(record), languages, seed)
+        if key not in _RESAMPLED or _RESAMPLED[key][0] is not record:
+            if len(_RESAMPLED) > 1024:
+                _RESAMPLED.clear()
+            stats = bootstrap.record_stats(record)
+            _RESAMPLED[key] = (record, bootstrap.resample(record["form"], {lang: stats[lang] for lang in languages},
+                                                          seed=seed))
+        out.append(_RESAMPLED[key][1])
+    return out
+
+
+def interval(items: Sequence[dict], task: str, language: str) -> tuple[float, float] | None:
+    """The 95% interval of ``task``'s primary metric for ``language`` (or ``avg``, ``worst``) over ``items``
+    (seeds pooled); None without statistics or a logged interval."""
+    records = _records(items, task)
+    if records is not None:
+        pooled = bootstrap.pool(_resampled(records))
+        return bootstrap.percentile_interval(pooled[language]) if language in pooled else None
+    return interval_of(items[0], metric_key(task, language, primary_metric(task))) if len(items) == 1 else None
+
+
+def quality_cell(items: Sequence[dict], task: str, language: str) -> str:
+    """:func:`cell` of the primary metric of ``task`` in ``language`` (or an aggregate), with its 95% interval."""
+    text = cell(items, metric_key(task, language, primary_metric(task)))
+    bounds = interval(items, task, language) if text != "–" else None
+    return text if bounds is None else f"{text} [{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
+
+def difference(a: Sequence[dict], b: Sequence[dict], task: str,
+               language: str = AVG) -> tuple[tuple[float, float], str] | None:
+    """The 95% interval of ``b − a`` in ``task``'s primary metric for ``language`` (default: the average), and
+    how it was found: ``paired`` or ``unpaired`` bootstrap, or ``logged intervals``; None when neither side
+    can say (see the module docstring)."""
+    a_records, b_records = _records(a, task), _records(b, task)
+    if a_records is not None and b_records is not None:
+        paired = bootstrap.same_examples([*a_records, *b_records])
+        both = _resampled([*a_records, *b_records])   # the same languages on both sides
+        if not paired:
+            both = both[:len(a)] + _resampled([*a_records, *b_records], bootstrap.SEED + 1)[len(a):]
+        values = bootstrap.pool_differences(both[:len(a)], both[len(a):])
+        if language in values:
+            return bootstrap.percentile_interval(values[language]), "paired" if paired else "unpaired"
+        return None
+    if len(a) == 1 and len(b) == 1:
+        key = metric_key(task, language, primary_metric(task))
+        found_a, found_b = interval_of(a[0], key), interval_of(b[0], key)
+        if found_a is not None and found_b is not None:
+            return (found_b[0] - found_a[1], found_b[1] - found_a[0]), "logged intervals"
+    return None
+
+
+def _side(bounds: tuple[float, float]) -> int:
+    """1 when an interval lies above 0, -1 when below, 0 when it holds 0."""
+    return 1 if bounds[0] > 0 else -1 if bounds[1] < 0 else 0
+
+
+def overall(verdicts: Sequence[str]) -> str:
+    """A task's verdict from its sparsities': confirmed when at least one sparsity confirms and none contradicts,
+    contradicted the other way round, undecided otherwise (none decided, or both ways)."""
+    if CONFIRMED in verdicts and CONTRADICTED not in verdicts:
+        return CONFIRMED
+    if CONTRADICTED in verdicts and CONFIRMED not in verdicts:
+        return CONTRADICTED
+    return UNDECIDED
+
+
+def _points(bounds: tuple[float, float]) -> str:
+    return f"[{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}]"
+
+
+def _how(methods: Iterable[str]) -> str:
+    return "/".join(sorted(set(methods)))
+
+
 def grouped(items: Sequence[dict], labels: Sequence[str]) -> dict[tuple[str, float], list[dict]]:
     """{(group, level): points}, in first-seen group order and increasing level."""
     groups: dict[tuple[str, float], list[dict]] = {}
@@ -122,7 +233,8 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 
 
 def quality_table(items: Sequence[dict], task: str) -> str:
-    """Rows: sparsity level; columns: avg and worst language of every group (setting, algorithm, ...)."""
+    """Rows: sparsity level; columns: avg and worst language of every group (setting, algorithm, ...), each
+    with its 95% interval where the trials have per-example statistics (see the module docstring)."""
     mine = [p for p in items if p.get("task") == task]
     labels = varying_labels(mine)
     metric = primary_metric(task)
@@ -135,19 +247,18 @@ def quality_table(items: Sequence[dict], task: str) -> str:
         row = [f"{level:g}"]
         for g in groups:
             found = cells.get((g, level), [])
-            row += [cell(found, avg_key(task, metric)), cell(found, worst_key(task, metric))]
+            row += [quality_cell(found, task, which) for which in AGGREGATES]
         body.append(row)
     return markdown_table(header, body)
 
 
 def language_table(items: Sequence[dict], task: str) -> str:
-    """Every group and level: quality per language, average and worst."""
+    """Every group and level: quality per language, average and worst (with 95% intervals, as :func:`quality_table`)."""
     mine = [p for p in items if p.get("task") == task]
     labels = varying_labels(mine)
-    metric = primary_metric(task)
     languages = languages_of(mine, task)
     header = ["group", "sparsity", *languages, *AGGREGATES]
-    body = [[group, f"{level:g}", *[cell(found, metric_key(task, lang, metric)) for lang in [*languages, *AGGREGATES]]]
+    body = [[group, f"{level:g}", *[quality_cell(found, task, lang) for lang in [*languages, *AGGREGATES]]]
             for (group, level), found in grouped(mine, labels).items()]
     return markdown_table(header, body)
 
@@ -260,7 +371,19 @@ def dynamic_costs(items: Sequence[dict], rows: Sequence[dict], kind: str = "cpu_
 
 
 def findings(items: Sequence[dict], rows: Sequence[dict]) -> list[str]:
-    """One line per comparison the run set supports (settings, algorithms, efficiency, DS)."""
+    """One line per comparison the run set supports (settings, algorithms, efficiency, DS).
+
+    Where intervals can be had (see the module docstring), each of the first two findings ends in a
+    verdict per task, from the 95% interval of a difference in the average over languages of the
+    task's primary metric at each sparsity, the sparsities' verdicts combined by :func:`overall`:
+
+    - settings ("a sub-network per language is not better than one shared"), interval of
+      per-language − shared: above 0 contradicted, below 0 confirmed, holding 0 undecided;
+    - algorithms ("the simplest method performs best"; the simplest is gradient importance,
+      :data:`SIMPLEST`), interval of gradient − each other method at that sparsity: confirmed when
+      every one lies above 0, contradicted when any lies below 0, undecided otherwise; no verdict
+      without gradient trials.
+    """
     lines = []
     labels = varying_labels(items)
     if "setting" in labels:
@@ -300,7 +423,39 @@ def _settings_findings(items: Sequence[dict]) -> list[str]:
                          f"avg {sum(diffs['avg']) / len(diffs['avg']):+.1f} points, worst language "
                          f"{sum(diffs['worst']) / max(len(diffs['worst']), 1):+.1f} points; per-language ahead on "
                          f"average at {wins} of {len(diffs['avg'])} sparsities")
+        lines += _settings_verdict(mine, task)
     return lines
+
+
+def _settings_verdict(mine: Sequence[dict], task: str) -> list[str]:
+    """The verdict line of the settings finding for ``task`` (none without intervals)."""
+    def judge(at: list[dict]):
+        found = difference([p for p in at if p.get("setting") == "shared"],
+                           [p for p in at if p.get("setting") == "per-language"], task)
+        if found is None:
+            return None
+        bounds, how = found
+        return _points(bounds), (CONTRADICTED, UNDECIDED, CONFIRMED)[1 - _side(bounds)], [how]
+
+    return _verdict("settings", mine, task, judge, "a sub-network per language is not better than one shared",
+                    "per-language minus shared")
+
+
+def _verdict(finding: str, mine: Sequence[dict], task: str, judge, claim: str, compared: str) -> list[str]:
+    """A finding's verdict line for ``task``: ``judge(points at one sparsity)`` gives (text, verdict, how the
+    intervals were found) or None; the sparsities' verdicts combine by :func:`overall`. None without any."""
+    parts, verdicts, methods = [], [], []
+    for level in sorted({p["level"] for p in mine}):
+        judged = judge([p for p in mine if p["level"] == level])
+        if judged is not None:
+            text, verdict, how = judged
+            parts.append(f"at {level:g}: {text} {verdict}")
+            verdicts.append(verdict)
+            methods += how
+    if not parts:
+        return []
+    return [f"{finding}, {task}: verdict {overall(verdicts)} ({claim}): {compared}, avg "
+            f"{primary_metric(task)}, 95% interval in points ({_how(methods)}): " + "; ".join(parts)]
 
 
 def _algorithm_findings(items: Sequence[dict]) -> list[str]:
@@ -325,7 +480,27 @@ def _algorithm_findings(items: Sequence[dict]) -> list[str]:
             if count > 1:
                 lines.append(f"algorithms, {task}: random at {level:g} over {count} seeds: spread (sd) "
                              f"{100 * spread:.1f} points")
+        lines += _algorithm_verdict(mine, task)
     return lines
+
+
+def _algorithm_verdict(mine: Sequence[dict], task: str) -> list[str]:
+    """The verdict line of the algorithms finding for ``task`` (none without gradient trials or intervals)."""
+    def judge(at: list[dict]):
+        simplest = [p for p in at if p.get("algorithm") == SIMPLEST]
+        others = dict.fromkeys(p.get("algorithm") for p in at if p.get("algorithm") != SIMPLEST)
+        found = {a: difference([p for p in at if p.get("algorithm") == a], simplest, task) for a in others} \
+            if simplest else {}
+        found = {a: f for a, f in found.items() if f is not None}
+        if not found:
+            return None
+        sides = [_side(bounds) for bounds, _ in found.values()]
+        verdict = CONTRADICTED if -1 in sides else CONFIRMED if all(side == 1 for side in sides) else UNDECIDED
+        return (", ".join(f"{a} {_points(bounds)}" for a, (bounds, _) in found.items()), verdict,
+                [how for _, how in found.values()])
+
+    return _verdict("algorithms", mine, task, judge, f"the simplest method, {SIMPLEST}, performs best",
+                    f"{SIMPLEST} minus each other method")
 
 
 def _efficiency_findings(items: Sequence[dict]) -> list[str]:
@@ -355,5 +530,5 @@ def _dynamic_findings(items: Sequence[dict], rows: Sequence[dict]) -> list[str]:
     return [line]
 
 
-__all__ = ["aggregate", "dynamic_table", "efficiency_table", "findings", "language_table", "points",
-           "quality_table", "variant_of", "varying_labels"]
+__all__ = ["aggregate", "difference", "dynamic_table", "efficiency_table", "findings", "interval", "language_table",
+           "overall", "points", "quality_cell", "quality_table", "variant_of", "varying_labels"]

@@ -108,6 +108,9 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
         c.log_batch(run_id, params=items[start : start + 100])
 
 
+EXAMPLES_ARTIFACT = "results/examples.json"   # a run's per-example statistics (raysparse.data.bootstrap's record)
+
+
 class RunLogger:
     """Logs to one MLflow run; a no-op when ``run_id`` is None (ranks other than 0)."""
 
@@ -152,8 +155,11 @@ class RunLogger:
         if self.active:
             self._client.log_text(self.run_id, text, artifact_file)
 
-    def json(self, data: Any, artifact_file: str) -> None:
-        if self.active:
+    def json(self, data: Any, artifact_file: str, compact: bool = False) -> None:
+        """``data`` as a JSON artifact; ``compact``: on one line, without spaces (large records)."""
+        if self.active and compact:
+            self._client.log_text(self.run_id, json.dumps(data, separators=(",", ":"), allow_nan=False), artifact_file)
+        elif self.active:
             self._client.log_dict(self.run_id, data, artifact_file)
 
     def figure(self, figure, artifact_file: str) -> None:

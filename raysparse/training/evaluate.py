@@ -6,6 +6,11 @@ accuracy (XNLI, PAWS-X), entity F1 (PAN-X), token accuracy and macro F1 (UD-POS)
 F1/EM after post-processing (XQuAD, MLQA, TyDiQA), top-1 accuracy of mean-pooled
 sentence embeddings (Tatoeba, xx -> en) and mined-pair F1 (BUCC).
 
+Every task but BUCC also keeps the per-example statistics of its primary metric, from which
+each language's, the average's and the worst language's bootstrap 95% interval is computed
+(:mod:`raysparse.data.bootstrap`, 1000 resamples, seed 0) and added to the metrics as
+``ci95_low/<task>/<lang>/<metric>`` and ``ci95_high/...``.
+
 Retrieval needs no head: a bare encoder works. Every other kind needs a ``TaskModel``
 with the task's head (see ``raysparse.training.batches.build_task_model``). With
 ``masks`` (language -> Mask), each language is evaluated under its own mask: the
@@ -25,14 +30,15 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from raysparse.data.kinds import kind_of
+from raysparse.data.bootstrap import compact, example_form, examples_record, interval_metrics
+from raysparse.data.kinds import Scores, kind_of
 from raysparse.data.load import available_splits, load_bucc_corpus
 from raysparse.data.load import languages as available_languages
 from raysparse.data.metrics import aggregate, bucc_scores
 from raysparse.data.regimes import LanguageData, evaluation_data
 from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
-from raysparse.metric_keys import AGGREGATES, avg_key, metric_key, worst_key
+from raysparse.metric_keys import AGGREGATES, avg_key, interval_of, metric_key, worst_key
 from raysparse.models.heads import HEADS, TaskModel
 from raysparse.models.sources import load_encoder, load_tokenizer
 from raysparse.paths import data_dir as resolve_data_dir
@@ -56,10 +62,14 @@ class EvaluationResult:
     """Scores of one task, per language and flattened for MLflow/Tune.
 
     ``per_language``: language -> metric -> value; ``metrics``: ``<task>/<lang>/<metric>``
-    plus ``<task>/avg/<metric>`` and ``<task>/worst/<metric>``; ``sources``: where each
+    plus ``<task>/avg/<metric>`` and ``<task>/worst/<metric>``, and the primary metric's 95%
+    intervals as ``ci95_low/<key>`` and ``ci95_high/<key>``; ``sources``: where each
     language's rows came from (file, whole or which part of a seeded split);
     ``examples``: rows scored per language (after ``max_examples``) and ``available``:
-    the held-out rows there were; ``masked_languages``: those scored under their own mask.
+    the held-out rows there were; ``masked_languages``: those scored under their own mask;
+    ``example_stats``: language -> the primary metric's per-example statistics, a compact list
+    (one number per example, or one row of numbers; form :attr:`example_form`; empty for BUCC);
+    ``skip_examples``: the rows skipped before the scored ones.
     """
 
     task: str
@@ -70,6 +80,8 @@ class EvaluationResult:
     available: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
     masked_languages: list[str] = field(default_factory=list)
+    example_stats: dict[str, list] = field(default_factory=dict)
+    skip_examples: int = 0
 
     @property
     def languages(self) -> list[str]:
@@ -92,14 +104,32 @@ class EvaluationResult:
     def worst(self) -> float:
         return self.metrics[worst_key(self.task, self.primary_metric)]
 
+    @property
+    def example_form(self) -> str | None:
+        """How the per-example statistics make the primary metric (:mod:`raysparse.data.bootstrap`)."""
+        return example_form(self.task)
+
+    def interval(self, language: str) -> tuple[float, float] | None:
+        """The primary metric's 95% interval for ``language`` (or ``avg``, ``worst``); None without statistics."""
+        return interval_of(self.metrics, metric_key(self.task, language, self.primary_metric))
+
+    def examples_record(self) -> dict | None:
+        """The per-example statistics as a JSON-ready record (``results/examples.json``); None without them."""
+        if not self.example_stats:
+            return None
+        return examples_record(self.task, self.example_stats, self.sources, self.skip_examples)
+
     def to_dict(self) -> dict:
         """Plain JSON-ready form (for a results artifact)."""
         return asdict(self)
 
     def table(self) -> str:
-        """Per-language text table: metrics, examples scored, data file and part; avg and worst last."""
+        """Per-language text table: metrics, examples scored, data file and part, and the primary metric's
+        95% interval when there are per-example statistics; avg and worst last."""
         names = list(dict.fromkeys(m for scores in self.per_language.values() for m in scores))
-        header = ["lang", *names, "examples", "data"]
+        bounds = {language: self.interval(language) for language in [*self.per_language, *AGGREGATES]}
+        shown = any(bounds.values())
+        header = ["lang", *names, "examples", "data", *([f"95% interval ({self.primary_metric})"] if shown else [])]
         rows = []
         for language, scores in self.per_language.items():
             scored, held = self.examples[language], self.available[language]
@@ -108,8 +138,12 @@ class EvaluationResult:
                          _short_source(self.sources[language])])
         for summary in AGGREGATES:
             rows.append([summary, *(f"{self.metrics[metric_key(self.task, summary, m)]:.3f}" for m in names), "", ""])
+        if shown:
+            for row in rows:
+                found = bounds[row[0]]
+                row.append("" if found is None else f"[{found[0]:.3f}, {found[1]:.3f}]")
         widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
+        lines = ["  ".join(cell.ljust(w) if i in (0, len(names) + 2) else cell.rjust(w)
                            for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
                  for row in [header, *rows]]
         title = f"{self.task}: {len(self.per_language)} language{'s' if len(self.per_language) != 1 else ''}"
@@ -174,6 +208,7 @@ def evaluate(
     say = print if verbose else (lambda *args, **kwargs: None)
     max_length = max_length or default_max_length(task)
     per_language: dict[str, dict[str, float]] = {}
+    stats: dict = {}
     examples: dict[str, int] = {}
     available: dict[str, int] = {}
     seconds: dict[str, float] = {}
@@ -194,18 +229,27 @@ def evaluate(
             mask = masks.get(language)
             masked = apply_mask(model, mask) if mask is not None else contextlib.nullcontext()
             with masked, torch.inference_mode():
-                per_language[language] = _score(model, tokenizer, task, rows, language_data, data_dir=data_dir,
-                                                max_examples=max_examples, batch_size=batch_size,
-                                                max_length=max_length, stride=stride, prefix=retrieval_prefix)
+                scores = _score(model, tokenizer, task, rows, language_data, data_dir=data_dir,
+                                max_examples=max_examples, batch_size=batch_size, max_length=max_length,
+                                stride=stride, prefix=retrieval_prefix)
+            per_language[language] = scores.metrics
+            if scores.examples is not None:
+                stats[language] = scores.examples
             seconds[language] = time.time() - started
             shown = "  ".join(f"{name} {value:.3f}" for name, value in per_language[language].items())
             say(f"  {task.name} {language}: {examples[language]} examples  {shown}  ({seconds[language]:.1f}s)",
                 flush=True)
     finally:
         model.train(was_training)
-    return EvaluationResult(task.name, per_language, aggregate(per_language, task.name),
+    metrics = aggregate(per_language, task.name)
+    form = example_form(task)
+    if form is not None and stats:
+        metrics.update(interval_metrics(task.name, task.primary_metric, form, stats))
+    return EvaluationResult(task.name, per_language, metrics,
                             {language: d.source for language, d in data.items()}, examples, available, seconds,
-                            [language for language in data if language in masks])
+                            [language for language in data if language in masks],
+                            {language: compact(values, digits=None) for language, values in stats.items()},
+                            skip_examples)
 
 
 def evaluate_model(source: str, task: str | Task, languages: Sequence[str] | None = None, *,
@@ -245,9 +289,9 @@ def check_head(model: nn.Module, task: str | Task) -> None:
 
 
 def _score(model, tokenizer, task: Task, rows: Dataset, data: LanguageData, *, data_dir, max_examples, batch_size,
-           max_length, stride, prefix) -> dict[str, float]:
-    if task.name == "bucc":
-        return _score_bucc(model, tokenizer, data, data_dir, max_examples, batch_size, max_length, prefix)
+           max_length, stride, prefix) -> Scores:
+    if task.name == "bucc":   # mined pairs: no per-example statistics
+        return Scores(_score_bucc(model, tokenizer, data, data_dir, max_examples, batch_size, max_length, prefix))
     kind = kind_of(task)
     if kind.embeds:
         embeddings = {side: _embed_texts(model, tokenizer, list(rows[side]), batch_size, prefix, max_length).numpy()

@@ -653,7 +653,13 @@ class Run:
             self.state.metrics.update(result.metrics)
             self.state.sources.update({f"eval.{k}": v for k, v in result.sources.items()})
             self.state.sources.update({f"train.{k}": v for k, v in self.data.sources.items()})
-            self.log.metrics(result.metrics)
+            self.log.metrics(result.metrics)   # the 95% intervals (ci95_low/..., ci95_high/...) among them
+            self.log.text(result.table(), "results/per_language.txt")
+            record = result.examples_record()
+            if record is not None:   # the per-example statistics, for paired comparisons in reports
+                from raysparse.tracking.runs import EXAMPLES_ARTIFACT
+
+                self.log.json(record, EXAMPLES_ARTIFACT, compact=True)
             print(result.table(), flush=True)
         self.state.advance("finalize")
         self.report()
