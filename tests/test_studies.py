@@ -26,11 +26,11 @@ from raysparse.search.report import SearchReport, load_runs, load_search, save_r
 from raysparse.search.spec import SearchSpec, check_search, preflight_trials
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = ("settings", "algorithms", "efficiency", "dynamic")
+STUDIES = ("baselines", "settings", "algorithms", "efficiency", "dynamic")
 BUDGETS = (None, "tiny", "xlmr-base", "xlmr-large")
 COMMITTED = REPO / "docs" / "results"
 TEXT_FILES = ("report.md", "trials.txt", "per_language.txt", "pareto.txt", "trials.csv", "runs.json")
-WAVES = (("settings", "dynamic"), ("algorithms", "efficiency"))   # two drivers at a time: memory
+WAVES = (("settings", "dynamic"), ("algorithms", "efficiency", "baselines"))   # few drivers at a time: memory
 # The tiny encoder's vocabulary holds English and German pieces; evaluating Swahili alone lets vocabulary
 # trimming drop the German-only rows, so the efficiency study's trimming is visible on it.
 EXTRA = {"efficiency": ["base.data.languages=[sw]"]}
@@ -154,6 +154,11 @@ def test_study_runs_end_to_end_and_reports_from_mlflow_and_offline(name, tiny_st
         assert (tmp_path / "offline" / file).read_text() == (tmp_path / "mlflow" / file).read_text(), file
     text = from_mlflow["report"].read_text()
     items = report.points()
+    if name == "baselines":
+        (row,) = report.rows
+        assert sorted(row[study.CURVE], key=int) == ["1", "2"], "the curve at every step, from the producing run"
+        assert row["trivial/xnli/avg/accuracy"] < 0.5 and study.EXAMPLES in row
+        assert "## Dense baselines and the trivial predictor" in text and "## Learning curves" in text
     if name == "settings":
         assert set(study.tasks_of(items)) == {"xnli", "panx", "tatoeba"}
         for heading in ("### xnli (accuracy)", "### panx (f1)", "### tatoeba (accuracy)"):

@@ -42,7 +42,7 @@ from raysparse.search.pareto import (
     pareto_plot,
     quality_vs_sparsity_plot,
 )
-from raysparse.search.study import EXAMPLES
+from raysparse.search.study import CURVE, EXAMPLES, primary_metric
 
 RUNSET_FORMAT = "raysparse-runset/1"
 RUNSET_FILE = "runs.json"
@@ -117,8 +117,6 @@ def _task_metric(task: str, quality: str) -> str:
     if parsed is not None and parsed.task == task:
         return parsed.metric
     try:
-        from raysparse.search.study import primary_metric
-
         return primary_metric(task)
     except RaysparseError:
         return parsed.metric if parsed is not None else quality
@@ -164,6 +162,10 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchReport:
         record = _examples(client, run)
         if record is not None:
             row[EXAMPLES] = _compact_record(record)
+        if run.data.params.get("data.evaluate_dense") == "True":   # a run about its dense model: how it learnt
+            curve = _learning_curve(client, run, row.get("task"))
+            if curve:
+                row[CURVE] = curve
     curves = {row["trial"]: _curve(client, run) for row, run in zip(rows, finished) if row.get("schedule") == "dynamic"}
     return SearchReport(name, parent_id, objectives, rows, _clean({k: v for k, v in curves.items() if v}))
 
@@ -210,6 +212,34 @@ def _examples(client, run) -> dict | None:
         return None
     with tempfile.TemporaryDirectory() as scratch:
         return json.loads(Path(client.download_artifacts(run.info.run_id, EXAMPLES_ARTIFACT, scratch)).read_text())
+
+
+def _learning_curve(client, run, task: str | None) -> dict[str, dict[str, float]]:
+    """The fine-tuning curve of the model ``run`` evaluated (``dev/<task>/<lang>/<primary metric>`` by step):
+    logged by ``run`` itself, or by the run that produced the cached model it read
+    (tag ``raysparse.cache.finetune.producer``); empty when neither logged one."""
+    from mlflow.exceptions import MlflowException
+
+    if not task:
+        return {}
+    source = run
+    if not any(k.startswith("dev/") for k in run.data.metrics):
+        producer = run.data.tags.get("raysparse.cache.finetune.producer") or ""
+        if producer.startswith("spec:") or not producer:
+            return {}
+        try:
+            source = client.get_run(producer)
+        except MlflowException:
+            return {}
+    metric = primary_metric(task)
+    curve: dict[str, dict[str, float]] = {}
+    for key in sorted(run_key for run_key in source.data.metrics if run_key.startswith("dev/")):
+        parsed = parse_metric_key(key[len("dev/"):])
+        if parsed is None or parsed.task != task or parsed.metric != metric:
+            continue
+        for measurement in client.get_metric_history(source.info.run_id, key):
+            curve.setdefault(str(measurement.step), {})[parsed.key] = measurement.value
+    return dict(sorted(curve.items(), key=lambda kv: int(kv[0])))
 
 
 def _compact_record(record: dict) -> dict:
@@ -297,6 +327,10 @@ def study_markdown(report: SearchReport) -> str:
              (f"{len(report.rows)} finished trials; tasks: {', '.join(tasks) or '-'}; "
               f"{len(items)} points (a Dynamic Sparsification trial counts once per level)."),
              "Regenerate offline: `raysparse report --runs runs.json --out <folder>`.", ""]
+    if any(study.is_baseline(row) for row in report.rows):
+        lines += ["## Dense baselines and the trivial predictor", "", study.baseline_table(report.rows), ""]
+        if any(row.get(study.CURVE) for row in report.rows):
+            lines += ["## Learning curves (development rows)", "", study.learning_curve_table(report.rows), ""]
     found = study.findings(items, report.rows)
     if found:
         lines += ["## Findings", "", *[f"- {line}" for line in found], ""]

@@ -370,6 +370,83 @@ def dynamic_costs(items: Sequence[dict], rows: Sequence[dict], kind: str = "cpu_
 # --- findings: the comparisons behind the paper's claims ---------------------------------------------------
 
 
+# --- dense baselines --------------------------------------------------------------------------------------
+
+PIVOT = "en"          # the language zero-shot fine-tuning reads: the cross-lingual figures leave it out
+CURVE = "learning_curve"   # a dense trial's row field: its fine-tuning's dev scores by step (report.load_search)
+
+
+def is_baseline(row: dict) -> bool:
+    """A trial that measured its dense fine-tuned model and the trivial predictor beside it (nothing pruned)."""
+    task = row.get("task")
+    return bool(task) and (row.get("target_sparsity") or 0.0) == 0.0 and any(
+        k.startswith(f"trivial/{task}/") for k in row)
+
+
+def _cross_lingual(row: dict, task: str) -> tuple[float | None, tuple[float, float] | None, str, float | None]:
+    """(average over the languages but English, its 95% interval, the worst of them, its score)."""
+    metric = primary_metric(task)
+    languages = [lang for lang in languages_in(list(row), task) if lang != PIVOT]
+    values = {lang: row[metric_key(task, lang, metric)] for lang in languages}
+    if not values:
+        return None, None, "–", None
+    average = sum(values.values()) / len(values)
+    worst = min(values, key=values.get)
+    bounds = None
+    stats = bootstrap.record_stats(row.get(EXAMPLES), task)
+    if stats is not None and all(lang in stats for lang in languages):
+        resampled = bootstrap.resample(row[EXAMPLES]["form"], {lang: stats[lang] for lang in languages})
+        bounds = bootstrap.percentile_interval(resampled[AVG])
+    return average, bounds, worst, values[worst]
+
+
+def baseline_table(rows: Sequence[dict]) -> str:
+    """One row per task: English, the cross-lingual average (95% interval) and worst language of the dense
+    fine-tuned model, the trivial predictor's cross-lingual average on the same rows, the gap in points,
+    and the fine-tuning budget."""
+    header = ["task", "metric", "fine-tuning", "English", "cross-lingual avg [95%]", "worst language", "trivial",
+              "gap (points)"]
+    body = []
+    for row in rows:
+        if not is_baseline(row):
+            continue
+        task = row["task"]
+        metric = primary_metric(task)
+        english = row.get(metric_key(task, PIVOT, metric))
+        average, bounds, worst, worst_value = _cross_lingual(row, task)
+        trivial = [v for k, v in row.items() if k.startswith(f"trivial/{task}/") and k.endswith(f"/{metric}")
+                   and k.split("/")[2] not in (PIVOT, *AGGREGATES)]
+        floor = sum(trivial) / len(trivial) if trivial else None
+        steps = row.get("finetune_steps")
+        body.append([task, metric, "–" if steps is None else f"{steps:.0f} steps",
+                     "–" if english is None else f"{english:.3f}",
+                     "–" if average is None else f"{average:.3f}" + ("" if bounds is None else
+                                                                     f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"),
+                     "–" if worst_value is None else f"{worst} {worst_value:.3f}",
+                     "–" if floor is None else f"{floor:.3f}",
+                     "–" if floor is None or average is None else f"{100 * (average - floor):+.1f}"])
+    return markdown_table(header, body)
+
+
+def learning_curve_table(rows: Sequence[dict]) -> str:
+    """Each dense trial's fine-tuning curve: the cross-lingual average (and English) on development rows
+    (after the reported ones) at every evaluated step."""
+    header = ["task", "step", "English (dev)", "cross-lingual avg (dev)"]
+    body = []
+    for row in rows:
+        curve = row.get(CURVE) or {}
+        task = row.get("task")
+        if not curve or not task or not is_baseline(row):
+            continue
+        metric = primary_metric(task)
+        for step, scores in sorted(curve.items(), key=lambda kv: int(kv[0])):
+            others = [v for k, v in scores.items() if k.split("/")[1] not in (PIVOT, *AGGREGATES)]
+            english = scores.get(metric_key(task, PIVOT, metric))
+            body.append([task, str(step), "–" if english is None else f"{english:.3f}",
+                         f"{sum(others) / len(others):.3f}" if others else "–"])
+    return markdown_table(header, body)
+
+
 def findings(items: Sequence[dict], rows: Sequence[dict]) -> list[str]:
     """One line per comparison the run set supports (settings, algorithms, efficiency, DS).
 
