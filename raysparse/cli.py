@@ -35,7 +35,7 @@ def cmd_prune(args) -> None:
                    steps=args.steps, scope=args.scope, normalize=args.normalize, round_to=args.round_to,
                    recover_steps=args.recover_steps, learning_rate=args.lr, eval_pairs=args.eval_pairs,
                    seed=args.seed, sequence_length=args.seq_len, data_dir=args.data_dir, latency=not args.no_latency,
-                   tune_masks=args.tune_masks)
+                   tune_masks=args.tune_masks, latency_ms=args.latency_ms, speedup=args.speedup)
     if args.print_spec:   # the run spec these flags make: `raysparse run` it to execute it on Ray, tracked
         import yaml
 
@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip timing the dense and pruned models")
     p.add_argument("--tune-masks", action="store_true",
                    help="rescale the kept units by least squares after the shrink, no training (pruning.mask_tuning)")
+    p.add_argument("--latency-ms", type=float, default=None,
+                   help="prune to this predicted latency (ms, batch 1, --seq-len tokens) instead of --sparsity")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="prune to this predicted speedup over the dense model instead of --sparsity")
     p.add_argument("--print-spec", action="store_true",
                    help="print the run spec these flags make (for `raysparse run`) and exit")
 

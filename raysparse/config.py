@@ -94,6 +94,29 @@ class MaskTuningConfig(Strict):
     max_scale: float = Field(10.0, gt=0)        # a sub-block whose scales leave [-max, max] keeps scale 1
 
 
+class LatencyTarget(Strict):
+    """Prune to a latency budget instead of a sparsity (``pruning.latency_target``): exactly one of ``ms``
+    (at ``efficiency.sequence_length`` and ``batch_size``) or ``speedup`` over the dense model's predicted
+    latency. A latency table of the run's model, measured on its device with ``efficiency.threads`` (or
+    read from the cache), predicts the latency of a mask; selection keeps the most important heads and
+    neurons per predicted millisecond whose prediction fits (docs/efficiency.md). One-shot, shared
+    setting, global scope, ``round_to`` 1, an algorithm that scores units; ``pruning.sparsity`` stays at
+    its default (the budget decides how much is removed)."""
+
+    ms: float | None = Field(None, gt=0)            # predicted forward latency of the encoder, milliseconds
+    speedup: float | None = Field(None, ge=1)       # dense predicted latency / pruned predicted latency
+    batch_size: int | None = Field(None, ge=1)      # default: the first of efficiency.batch_sizes
+    # where the table is cached: a folder (one JSON file per environment) or a JSON file;
+    # default: <user cache>/raysparse/latency (RAYSPARSE_CACHE)
+    table: str | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "LatencyTarget":
+        if (self.ms is None) == (self.speedup is None):
+            raise ValueError("expected exactly one of ms or speedup (e.g. {speedup: 1.5} or {ms: 40, batch_size: 1})")
+        return self
+
+
 class PruningConfig(Strict):
     """What every schedule shares; the schedule's own fields live in its variant below."""
 
@@ -118,6 +141,39 @@ class PruningConfig(Strict):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"expected a number in [0, 1), got {value}")
         return value
+
+    # A latency budget instead of a sparsity: select to the table's prediction (see LatencyTarget)
+    latency_target: LatencyTarget | None = None
+
+    @model_validator(mode="after")
+    def _latency_target_fits(self) -> "PruningConfig":
+        """What selection to a latency budget supports, each refusal one line naming its field."""
+        if self.latency_target is None:
+            return self
+        from raysparse.pruning import ALGORITHMS, Importance
+
+        default = type(self).model_fields["sparsity"].default
+        schedule = getattr(self, "schedule", "one-shot")
+        algorithm = ALGORITHMS.get(self.algorithm)
+        refusals = [
+            (self.sparsity != default, f"pruning.sparsity: a latency target decides how much is removed (expected "
+                                       f"sparsity left at its default {default}, or no pruning.latency_target)"),
+            (schedule != "one-shot", f"pruning.latency_target: selection to a latency budget is one-shot (expected "
+                                     f"schedule one-shot, got {schedule!r})"),
+            (self.setting != "shared", "pruning.latency_target: per-language masks shrink to their union, which the "
+                                       "budget does not bound (expected pruning.setting 'shared')"),
+            (self.scope != "global", "pruning.scope: a latency target ranks all heads and neurons together "
+                                     "(expected 'global')"),
+            (self.round_to != 1, f"pruning.round_to: a latency target keeps exact counts (expected 1, got "
+                                 f"{self.round_to})"),
+            (algorithm is not None and algorithm.final_mask is not Importance.final_mask,
+             f"pruning.latency_target: '{self.algorithm}' decides its mask itself (expected an algorithm that "
+             "scores heads and neurons, e.g. gradient)"),
+        ]
+        for refused, message in refusals:
+            if refused:
+                raise ValueError(message)
+        return self
 
 
 class OneShotPruning(PruningConfig):

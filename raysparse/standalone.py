@@ -87,10 +87,14 @@ def prune_spec(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "g
                languages: list[str] | None = None, scoring_pairs: int = 256, batch_size: int = 16, steps: int = 1,
                scope: str = "global", normalize: str = "l2", round_to: int = 1, recover_steps: int = 0,
                learning_rate: float = 3e-5, eval_pairs: int = 200, seed: int = 0, sequence_length: int = 128,
-               data_dir: str | None = None, latency: bool = True, tune_masks: bool = False) -> RunSpec:
+               data_dir: str | None = None, latency: bool = True, tune_masks: bool = False,
+               latency_ms: float | None = None, speedup: float | None = None) -> RunSpec:
     """The run spec ``raysparse prune`` executes: Tatoeba, no fine-tuning, XNLI translation pairs
     for scoring and recovery, the dense model evaluated beside the pruned one, nothing tracked.
-    ``tune_masks``: rescale the kept units by least squares after the shrink (``pruning.mask_tuning``)."""
+    ``tune_masks``: rescale the kept units by least squares after the shrink (``pruning.mask_tuning``).
+    ``latency_ms`` or ``speedup``: prune to that predicted latency at batch 1 instead of ``sparsity``
+    (``pruning.latency_target``; ``sparsity`` must then stay at its default)."""
+    target = {name: value for name, value in (("ms", latency_ms), ("speedup", speedup)) if value is not None}
     return parse(RunSpec, {
         "name": "prune", "seed": seed, "model": {"source": model},
         "data": {"task": "tatoeba", "dir": data_dir, "languages": languages, "max_eval_examples": eval_pairs,
@@ -98,7 +102,8 @@ def prune_spec(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "g
         "finetune": {"steps": 0, "batch_size": batch_size},
         "pruning": {"algorithm": algorithm, "sparsity": sparsity, "scope": scope, "normalize": normalize,
                     "round_to": round_to, "scoring_examples": scoring_pairs, "mask_tuning": {"enabled": tune_masks},
-                    **({"schedule": "iterative", "iterations": steps} if steps > 1 else {})},
+                    **({"schedule": "iterative", "iterations": steps} if steps > 1 else {}),
+                    **({"latency_target": target} if target else {})},
         "recovery": {"steps": recover_steps, "learning_rate": learning_rate},
         "efficiency": {"sequence_length": sequence_length, "latency": latency},
         "tracking": {"log_models": "none"},
@@ -110,7 +115,8 @@ def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradie
           scope: str = "global", normalize: str = "l2", round_to: int = 1, recover_steps: int = 0,
           learning_rate: float = 3e-5, eval_pairs: int = 200, seed: int = 0, sequence_length: int = 128,
           out: str | Path | None = None, data_dir: str | None = None, latency: bool = True,
-          tune_masks: bool = False, verbose: bool = True) -> PruneResult:
+          tune_masks: bool = False, latency_ms: float | None = None, speedup: float | None = None,
+          verbose: bool = True) -> PruneResult:
     """Prune ``model`` to ``sparsity`` with ``algorithm`` and report size and Tatoeba quality.
 
     The pipeline of ``raysparse run`` executed in this process (:func:`prune_spec` says which
@@ -121,7 +127,8 @@ def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradie
     spec = prune_spec(model, sparsity, algorithm, languages=languages, scoring_pairs=scoring_pairs,
                       batch_size=batch_size, steps=steps, scope=scope, normalize=normalize, round_to=round_to,
                       recover_steps=recover_steps, learning_rate=learning_rate, eval_pairs=eval_pairs, seed=seed,
-                      sequence_length=sequence_length, data_dir=data_dir, latency=latency, tune_masks=tune_masks)
+                      sequence_length=sequence_length, data_dir=data_dir, latency=latency, tune_masks=tune_masks,
+                      latency_ms=latency_ms, speedup=speedup)
     if out is not None:
         check_output(out, model)
     with contextlib.redirect_stdout(sys.stdout if verbose else io.StringIO()):
@@ -144,9 +151,11 @@ def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradie
         (out_dir / "result.json").write_text(json.dumps(
             {"dense": dense_size.as_dict(), "pruned": pruned_size.as_dict(), "quality": quality,
              "seconds": seconds, "speedup": {k: v for k, v in metrics.items() if k.startswith("speedup/")},
+             "latency": {k: v for k, v in metrics.items() if k.startswith("latency/")},
              "settings": {"algorithm": algorithm, "sparsity": sparsity, "steps": steps, "scope": scope,
                           "normalize": normalize, "round_to": round_to, "recover_steps": recover_steps,
                           "seed": seed, "tune_masks": tune_masks,
+                          "latency_target": spec.pruning.latency_target and spec.pruning.latency_target.model_dump(),
                           "languages": pipeline.languages["evaluation"]}}, indent=2))
     return PruneResult(out_dir, mask, scores, dense_size, pruned_size, quality, seconds)
 

@@ -10,10 +10,11 @@ over rounds (:func:`ratio_interval`).
 
 from __future__ import annotations
 
+import functools
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,17 +68,18 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _time_once(model: nn.Module, batch: dict, device: str) -> float:
+def _time_once(call: Callable[[], object], device: str) -> float:
+    """Milliseconds of one ``call()``: CUDA events after a synchronise on a GPU, the wall clock on CPU."""
     if device.startswith("cuda"):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
-        model(**batch)
+        call()
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end)
     began = time.perf_counter()
-    model(**batch)
+    call()
     return (time.perf_counter() - began) * 1000.0
 
 
@@ -100,28 +102,37 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
 
 
 @torch.inference_mode()
-def time_rounds(models: dict[str, nn.Module], batch_size: int, sequence_length: int = 128, rounds: int = 20,
-                warmup: int = 3, device: str = "cpu") -> dict[str, list[float]]:
-    """Forward latency in ms of every model in every round, interleaved.
+def time_calls(calls: dict[str, Callable[[], object]], rounds: int = 20, warmup: int = 3,
+               device: str = "cpu") -> dict[str, list[float]]:
+    """Latency in ms of every call in every round, interleaved.
 
-    ``warmup`` untimed rounds first; then each round times each model once, the order rotated by
-    one model per round (A B C, B C A, C A B, ...), so drift of the machine falls evenly on all
-    and round i of one model is comparable with round i of another. The models must already be
-    on ``device`` in eval mode; threads are the caller's (:func:`fixed_threads`).
+    ``warmup`` untimed rounds first; then each round times each call once, the order rotated by
+    one call per round (A B C, B C A, C A B, ...), so drift of the machine falls evenly on all
+    and round i of one call is comparable with round i of another. Threads are the caller's
+    (:func:`fixed_threads`).
     """
-    expect(bool(models), "bench: no models to time")
+    expect(bool(calls), "bench: no models to time")
     expect(rounds >= 1 and warmup >= 0, "bench: repeats must be >= 1 and warmup >= 0")
-    batches = {name: random_batch(model.get_input_embeddings().num_embeddings, batch_size, sequence_length, device)
-               for name, model in models.items()}
-    names = list(models)
+    names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(warmup + rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            elapsed = _time_once(models[name], batches[name], device)
+            elapsed = _time_once(calls[name], device)
             if index >= warmup:
                 times[name].append(elapsed)
     return times
+
+
+def time_rounds(models: dict[str, nn.Module], batch_size: int, sequence_length: int = 128, rounds: int = 20,
+                warmup: int = 3, device: str = "cpu") -> dict[str, list[float]]:
+    """Forward latency in ms of every model in every round, interleaved (:func:`time_calls`) on a
+    random batch. The models must already be on ``device`` in eval mode; threads are the caller's."""
+    expect(bool(models), "bench: no models to time")
+    batches = {name: random_batch(model.get_input_embeddings().num_embeddings, batch_size, sequence_length, device)
+               for name, model in models.items()}
+    return time_calls({name: functools.partial(model, **batches[name]) for name, model in models.items()},
+                      rounds, warmup, device)
 
 
 def measure_latency(models: dict[str, nn.Module], batch_sizes=(1, 8), sequence_length: int = 128, warmup: int = 3,

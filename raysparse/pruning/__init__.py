@@ -5,9 +5,9 @@ from raysparse.pruning import l0 as _l0, layers as _layers, movement as _movemen
 from raysparse.pruning.registry import ALGORITHMS, Importance, Options, algorithm_for, get_algorithm, register
 from raysparse.pruning.schedules import PruneStep, cubic_sparsity, iterative_targets, prune_schedule
 from raysparse.pruning.scores import UnitScores
-from raysparse.pruning.selection import Selection, check_sparsity, select_mask
+from raysparse.pruning.selection import Selection, check_sparsity, select_mask, select_to_latency
 
 __all__ = [
     "ALGORITHMS", "Importance", "Options", "PruneStep", "algorithm_for", "Selection", "UnitScores", "check_sparsity", "cubic_sparsity",
-    "get_algorithm", "iterative_targets", "prune_schedule", "register", "select_mask",
+    "get_algorithm", "iterative_targets", "prune_schedule", "register", "select_mask", "select_to_latency",
 ]

@@ -4,12 +4,16 @@ Heads and neurons are ranked separately (docs/METHOD.md: a joint score-per-param
 removes almost every head) and each type loses the target share of its units; the
 neuron count absorbs the rounding of the head count, so the achieved encoder sparsity
 is the target to within half a neuron's parameters.
+
+:func:`select_to_latency` selects to a latency budget instead: heads and neurons ranked together
+by importance per millisecond a latency table says they cost, the least valuable removed until
+the table's prediction fits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -130,3 +134,79 @@ def select_mask(scores: UnitScores, sparsity: float, hidden_size: int, head_dim:
     removed_neurons = _round_kept(removed_neurons, neurons, selection.round_to)
     kept_layers = base.kept_layers.clone() if base is not None else torch.ones(heads.shape[0], dtype=torch.bool)
     return Mask(~removed_heads, ~removed_neurons, kept_layers, None if base is None else base.kept_vocab)
+
+
+class LatencyModel(Protocol):
+    """What selection needs of a latency table (``raysparse.efficiency.latency_table.LatencyTable``)."""
+
+    def predict(self, mask: Mask) -> float:
+        """Predicted latency in ms of the model ``mask`` keeps."""
+
+    def unit_ms(self) -> tuple[float, float]:
+        """Milliseconds one head and one FFN neuron cost on average."""
+
+
+def _value_order(scores: UnitScores, table: LatencyModel, selection: Selection,
+                 base: Mask | None) -> tuple[torch.Tensor, int, int]:
+    """Heads then neurons, flattened, ordered from the least valuable per predicted ms to the most;
+    with how many lead the order because ``base`` removed them, and how many end it protected."""
+    heads, neurons = scores.heads.float(), scores.neurons.float()
+    if base is not None:
+        heads = heads.masked_fill(~base.effective_heads(), float("-inf"))
+        neurons = neurons.masked_fill(~base.effective_neurons(), float("-inf"))
+    if selection.normalize == "l2":
+        # per layer as select_mask does; then / sqrt(units per layer): a layer whose units matter equally
+        # gives each head 1/heads and each neuron 1/neurons of it, so the two types compare per ms
+        heads = _normalize_rows(heads) / heads.shape[1] ** 0.5
+        neurons = _normalize_rows(neurons) / neurons.shape[1] ** 0.5
+    if selection.min_heads_per_layer:
+        keep_at_least = min(selection.min_heads_per_layer, heads.shape[1])
+        top = torch.argsort(heads, dim=1, descending=True, stable=True)[:, :keep_at_least]
+        protected = torch.zeros_like(heads, dtype=torch.bool).scatter(1, top, True) & torch.isfinite(heads)
+        heads = heads.masked_fill(protected, float("inf"))
+    head_ms, neuron_ms = (max(float(ms), 1e-9) for ms in table.unit_ms())   # a unit that saves nothing goes last
+    values = torch.cat([(heads / head_ms).flatten(), (neurons / neuron_ms).flatten()])
+    values = values.masked_fill(values.isnan(), float("inf"))   # a unit without a score is not removed
+    return torch.argsort(values, stable=True), int(torch.isneginf(values).sum()), int(torch.isposinf(values).sum())
+
+
+def select_to_latency(scores: UnitScores, table: LatencyModel, target_ms: float, selection: Selection = Selection(),
+                      base: Mask | None = None) -> Mask:
+    """Keep the most valuable heads and neurons whose predicted latency fits ``target_ms``.
+
+    A unit's value is its importance (normalised per layer as :func:`select_mask` does, then per
+    unit type, see ``_value_order``) per millisecond it costs on average (``table.unit_ms()``);
+    units are removed from the least valuable on, the fewest whose removal makes
+    ``table.predict(mask) <= target_ms`` (the prediction only falls as units go, so a binary
+    search finds it). ``base``'s removed units stay removed; ``min_heads_per_layer`` heads per
+    layer are never removed. Global scope and exact counts only. Returns a Mask in original
+    coordinates; a target the table cannot reach is one line naming ``pruning.latency_target``.
+    """
+    expect(isinstance(target_ms, (int, float)) and target_ms > 0 and target_ms != float("inf"),
+           f"pruning.latency_target: expected a positive number of ms, got {target_ms!r}")
+    expect(selection.scope == "global", "pruning.scope: a latency target ranks all heads and neurons together "
+                                        "(expected 'global')")
+    expect(selection.round_to == 1, f"pruning.round_to: a latency target keeps exact counts (expected 1, got "
+                                    f"{selection.round_to})")
+    layers, width = scores.heads.shape
+    order, already, protected = _value_order(scores, table, selection, base)
+    kept_layers = base.kept_layers.clone() if base is not None else torch.ones(layers, dtype=torch.bool)
+
+    def mask_without(count: int) -> Mask:
+        removed = torch.zeros(len(order), dtype=torch.bool)
+        removed[order[:count]] = True
+        return Mask(~removed[: layers * width].reshape(layers, width), ~removed[layers * width:].reshape(layers, -1),
+                    kept_layers, None if base is None else base.kept_vocab)
+
+    low, high = already, len(order) - protected
+    least = table.predict(mask_without(high))
+    if least > target_ms:
+        raise RaysparseError(f"pruning.latency_target: {target_ms:.3f} ms is below what the latency table predicts "
+                             f"with every removable head and neuron gone ({least:.3f} ms; expected a larger budget)")
+    while low < high:   # the fewest removals that fit
+        middle = (low + high) // 2
+        if table.predict(mask_without(middle)) <= target_ms:
+            high = middle
+        else:
+            low = middle + 1
+    return mask_without(low)

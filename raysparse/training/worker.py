@@ -62,6 +62,21 @@ def all_reduce_scores(scores: UnitScores) -> UnitScores:
     return UnitScores(*out)
 
 
+def broadcast_mask(mask: Mask | None, scores: UnitScores) -> Mask:
+    """Rank 0's ``mask`` on every rank (the others pass None), shaped like ``scores``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mask
+    device = scores.heads.device
+    if mask is None:
+        shapes = (scores.heads.shape, scores.neurons.shape, scores.heads.shape[:1])
+        tensors = [torch.zeros(shape, dtype=torch.uint8, device=device) for shape in shapes]
+    else:
+        tensors = [t.to(device, torch.uint8) for t in (mask.kept_heads, mask.kept_neurons, mask.kept_layers)]
+    for tensor in tensors:
+        dist.broadcast(tensor, 0)
+    return Mask(*(tensor.cpu().bool() for tensor in tensors))
+
+
 def union_of(masks) -> Mask:
     """The units any of ``masks`` keeps: the shape recovery trains at."""
     return reduce(Mask.union, masks)
@@ -285,8 +300,30 @@ class Run:
                 and algorithm.final_mask is Importance.final_mask)
 
     def select(self, scores: UnitScores, target: float, base: Mask | None) -> Mask:
+        if self.spec.pruning.latency_target is not None:   # a latency budget instead of the sparsity
+            return self._select_to_latency(scores, base)
         enc = Encoder(self.model)
         return select_mask(scores, target, enc.hidden_size, enc.head_dim, self.selection, base)
+
+    def _select_to_latency(self, scores: UnitScores, base: Mask | None) -> Mask:
+        """``pruning.latency_target``: rank 0 builds (or reads from the cache) the latency table of the run's
+        model on its device and keeps the most important units per predicted ms that fit the budget
+        (``latency/target_ms``, ``latency/predicted_ms``); every other rank receives that mask."""
+        from raysparse.efficiency.latency_table import fit_latency_target
+
+        mask = None
+        if self.is_chief:
+            fit = fit_latency_target(self.model, scores, self.spec.pruning.latency_target, self.spec.efficiency,
+                                     self.selection, base)
+            mask, table = fit.mask, fit.table
+            values = {"latency/target_ms": fit.target_ms, "latency/predicted_ms": fit.predicted_ms,
+                      "latency/dense_predicted_ms": fit.dense_ms}
+            self.state.metrics.update(values)
+            self.log.metrics(values)
+            self.log.json(table.to_dict(), "results/latency_table.json")
+            print(f"[prune] latency target {fit.target_ms:.3f} ms at batch {table.batch_size} (dense predicted "
+                  f"{fit.dense_ms:.3f} ms; table {table.origin}): predicted {fit.predicted_ms:.3f} ms", flush=True)
+        return broadcast_mask(mask, scores)
 
     def fit(self, stage: str, objective, optimizer, scheduler, steps: int, callbacks: list[Callback] = (),
             resumable: bool = True, progress: Progress | None = None) -> None:
@@ -504,8 +541,9 @@ class Run:
                     mask = self.select(scores, target, base)
                 self.state.masks[key], self.state.scores[key] = mask, scores
                 if self.is_chief:
-                    print(f"[prune] round {round_index + 1}/{rounds} {key}: sparsity {target:.3f}, {mask.summary()}",
-                          flush=True)
+                    reached = (f"sparsity {target:.3f}" if spec.pruning.latency_target is None
+                               else f"latency budget, sparsity {_sparsity(self.model, mask):.3f}")
+                    print(f"[prune] round {round_index + 1}/{rounds} {key}: {reached}, {mask.summary()}", flush=True)
             self._shrink_to_masks()
             mask_tuning.tune_after_shrink(self, round_index)   # pruning.mask_tuning: rescale kept units
             if round_index + 1 < rounds and between_steps:
