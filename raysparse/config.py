@@ -38,6 +38,9 @@ class DataConfig(Strict):
     evaluate_dense: bool = False                # also score the model before pruning (dense/<task>/<lang>/<metric>)
     max_length: int = Field(128, ge=8, le=4096)
     doc_stride: int = Field(64, ge=1)
+    # fine-tune on another task of the same kind, from English (e.g. TyDiQA-GoldP's training set for XQuAD
+    # or MLQA, which have none); scoring, recovery and evaluation stay on `task`
+    train_task: str | None = None
 
     @field_validator("languages", mode="before")
     @classmethod
@@ -333,6 +336,17 @@ class RunSpec(Strict):
 
         if self.data.task not in TASKS:
             raise ValueError(f"data.task: unknown task '{self.data.task}' (expected one of: {', '.join(TASKS)})")
+        if self.data.train_task is not None:
+            if self.data.train_task not in TASKS:
+                raise ValueError(f"data.train_task: unknown task '{self.data.train_task}' "
+                                 f"(expected one of: {', '.join(TASKS)})")
+            train, task = TASKS[self.data.train_task], TASKS[self.data.task]
+            if train.kind != task.kind or train.kind == "retrieval" or train.label_names != task.label_names:
+                raise ValueError(f"data.train_task: '{train.name}' is {train.kind}, '{task.name}' {task.kind} "
+                                 "(expected a task of the same kind and labels, with a head: e.g. tydiqa for xquad)")
+            if self.data.regime != "zero-shot":
+                raise ValueError("data.train_task: fine-tunes on the other task's English rows (expected regime "
+                                 f"zero-shot, got {self.data.regime})")
         if self.pruning.algorithm not in ALGORITHMS:
             raise ValueError(f"pruning.algorithm: unknown algorithm '{self.pruning.algorithm}' "
                              f"(expected one of: {', '.join(sorted(ALGORITHMS))})")

@@ -70,7 +70,17 @@ def resolve_languages(spec: RunSpec) -> dict[str, list[str]]:
     plan = kind.training_languages(task, present, evaluation, spec.data.regime, spec.data.dir)
     trainable, finetune = plan.trainable, plan.finetune
     scoring = spec.pruning.scoring_languages or plan.candidates
-    missing = [lang for lang in [*scoring, *finetune] if lang not in trainable]
+    missing = [lang for lang in scoring if lang not in trainable]
+    if spec.data.train_task:   # fine-tuning reads the other task's English rows
+        train = get_task(spec.data.train_task)
+        train_present = present_languages(train, spec.data.dir)
+        train_plan = kind.training_languages(train, train_present, train_present, spec.data.regime, spec.data.dir)
+        finetune = train_plan.finetune
+        if any(lang not in train_plan.trainable for lang in finetune):
+            raise RaysparseError(f"data.train_task: {train.name} has no {kind.training_source} in "
+                                 f"{', '.join(finetune)} (available: {', '.join(sorted(train_plan.trainable)) or 'none'})")
+    else:
+        missing += [lang for lang in finetune if lang not in trainable]
     if missing:
         source = kind.training_source
         raise RaysparseError(f"pruning.scoring_languages: no {source} for {', '.join(sorted(set(missing)))} "
@@ -108,6 +118,9 @@ def check_data(spec: RunSpec, languages: dict[str, list[str]]) -> None:
     task = get_task(spec.data.task)
     training = {*languages["scoring"], *(languages["finetune"] if spec.finetune.steps else [])}
     wanted = {(task.name, language) for language in languages["evaluation"]}
+    if spec.data.train_task and spec.finetune.steps:
+        wanted |= {(spec.data.train_task, language) for language in languages["finetune"]}
+        training = set(languages["scoring"])
     if task.kind == "retrieval":   # trains and scores on XNLI premises paired with English
         wanted |= {("xnli", language) for language in {*training, PIVOT_LANGUAGE}}
     else:

@@ -328,3 +328,34 @@ def test_the_learning_curve_of_fine_tuning_is_logged_on_development_rows(tiny_mo
     assert all(0.0 <= m.value <= 1.0 for m in history)
     [reported] = client.get_metric_history(run.info.run_id, "dense/xnli/avg/accuracy")
     assert reported.step == 4
+
+
+@pytest.mark.timeout(300)
+def test_a_task_without_training_data_fine_tunes_on_another_of_its_kind(tiny_model_dir, tmp_path):
+    """XQuAD has no training set: ``data.train_task: tydiqa`` fine-tunes on TyDiQA-GoldP's English rows and
+    evaluates on XQuAD; the cached model is keyed by the task that trained it, so MLQA reuses it."""
+    def spec(task, name):
+        data = tiny_spec(tiny_model_dir, name)
+        data["data"] = {"task": task, "train_task": "tydiqa", "languages": ["de"], "max_train_examples": 16,
+                        "max_eval_examples": 4, "max_length": 64, "doc_stride": 32}
+        data["pruning"]["scoring_examples"] = 4
+        data["storage"] = str(tmp_path / "runs")
+        return data
+
+    xquad = run_in_process(spec("xquad", "xquad-from-tydiqa"))
+    assert "tydiqa" in xquad.data.sources["tydiqa:en"] and "xquad" in xquad.data.sources["de"]
+    assert xquad.state.metrics["cache/finetune/hit"] == 0.0 and "xquad/de/f1" in xquad.state.metrics
+    mlqa = run_in_process(spec("mlqa", "mlqa-from-tydiqa"))
+    assert mlqa.state.metrics["cache/finetune/hit"] == 1.0 and "mlqa/de/f1" in mlqa.state.metrics
+
+
+@pytest.mark.parametrize("train_task,regime,error", [
+    ("xnli", "zero-shot", "data.train_task: 'xnli' is pair_classification, 'xquad' qa"),
+    ("tydiqa", "translate-train", "data.train_task: fine-tunes on the other task's English rows"),
+    ("nope", "zero-shot", "data.train_task: unknown task 'nope'"),
+])
+def test_a_train_task_of_another_kind_is_refused_in_one_line(train_task, regime, error, tiny_model_dir):
+    data = tiny_spec(tiny_model_dir)
+    data["data"] = {"task": "xquad", "train_task": train_task, "regime": regime}
+    with pytest.raises(RaysparseError, match=error):
+        as_spec(data)

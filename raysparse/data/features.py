@@ -115,14 +115,22 @@ def tagging_predictions(
 # --- extractive QA ----------------------------------------------------------------------
 
 def _encode_windows(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, stride: int):
+    """Question + context windows; the overlap shrinks where a long question leaves less context per window
+    than ``stride`` (the tokenizer requires it smaller), and a question too long for any context fails here."""
     if tokenizer.padding_side != "right":
         raise RaysparseError("tokenizer: padding_side must be 'right' for QA (question first, then context)")
+    questions = [q.lstrip() for q in batch["question"]]
+    longest = max(len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"])
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - longest
+    if room < 2:
+        raise RaysparseError(f"data.max_length: {max_length} tokens leave no context beside a question of {longest} "
+                             f"tokens (expected at least {max_length - room + 2})")
     return tokenizer(
-        [q.lstrip() for q in batch["question"]],
+        questions,
         batch["context"],
         truncation="only_second",
         max_length=max_length,
-        stride=stride,
+        stride=min(stride, room - 1),
         return_overflowing_tokens=True,
         return_offsets_mapping=True,
     )

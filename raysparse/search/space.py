@@ -90,6 +90,9 @@ def condition_holds(when: Mapping[str, Any] | None, values: Mapping[str, Any]) -
     return True
 
 
+_GOVERNED_BY = {"pruning.learning_steps": "pruning.algorithm", "data.train_task": "data.task"}
+
+
 def check_space(space: Mapping[str, Param], base: dict) -> None:
     """Every path exists, conditions refer to earlier choices, every value makes a valid spec."""
     from raysparse.config import parse
@@ -109,18 +112,19 @@ def check_space(space: Mapping[str, Param], base: dict) -> None:
             missing = [v for v in allowed if v not in seen[other].choice]
             if missing:
                 raise RaysparseError(f"space.{path}.when: {missing} never occur in {other}'s choices {seen[other].choice}")
-        # an algorithm's option (or learning steps) is valid with the algorithm that takes it: try each the
-        # space may choose
-        algorithms = [None]
-        if (path.startswith("pruning.options.") or path == "pruning.learning_steps") and "pruning.algorithm" in space:
-            algorithms += list(space["pruning.algorithm"].choice or [])
+        # a value valid only beside another choice (an algorithm's option with the algorithm that takes it,
+        # a training task with its task): try each value the space may choose for that one
+        governing = _GOVERNED_BY.get(path, "pruning.algorithm" if path.startswith("pruning.options.") else None)
+        partners = [None]
+        if governing in space:
+            partners += list(space[governing].choice or [])
         for value in param.values_for_check():
             errors = []
-            for algorithm in algorithms:
+            for partner in partners:
                 trial = _deep_copy({**base})
                 set_path(trial, path, value)
-                if algorithm is not None:
-                    set_path(trial, "pruning.algorithm", algorithm)
+                if partner is not None:
+                    set_path(trial, governing, partner)
                 try:
                     parse(RunSpec, trial)
                     break

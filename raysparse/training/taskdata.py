@@ -60,20 +60,23 @@ class TaskData:
         return self._prompt
 
     # --- rows ------------------------------------------------------------------------
-    def _language_features(self, language: str) -> list:
-        if language in self._features:
-            return self._features[language]
+    def _language_features(self, language: str, task: Task) -> list:
+        key = language if task is self.task else f"{task.name}:{language}"
+        if key in self._features:
+            return self._features[key]
         spec = self.spec
-        rows, self.sources[language] = kind_of(self.task).training_rows(
-            self.task, language, self.tokenizer, seed=spec.seed, train_fraction=spec.data.train_fraction,
+        rows, self.sources[key] = kind_of(task).training_rows(
+            task, language, self.tokenizer, seed=spec.seed, train_fraction=spec.data.train_fraction,
             max_examples=spec.data.max_train_examples, max_length=spec.data.max_length, stride=spec.data.doc_stride,
             data_dir=spec.data.dir)
-        self._features[language] = rows
+        self._features[key] = rows
         return rows
 
-    def pool(self, languages: list[str]) -> list:
-        """All training rows of ``languages``, in a fixed order."""
-        return [row for language in sorted(languages) for row in self._language_features(language)]
+    def pool(self, languages: list[str], fine_tuning: bool = False) -> list:
+        """All training rows of ``languages``, in a fixed order; ``fine_tuning``: of ``data.train_task``
+        when the spec names one (the task's own rows otherwise)."""
+        task = get_task(self.spec.data.train_task) if fine_tuning and self.spec.data.train_task else self.task
+        return [row for language in sorted(languages) for row in self._language_features(language, task)]
 
     # --- batches ---------------------------------------------------------------------
     def batch(self, rows: list, step: int, batch_size: int, salt: int = 0):

@@ -363,7 +363,7 @@ class Run:
     # --- stages -----------------------------------------------------------------------------
     def finetune(self) -> None:
         spec, total = self.spec, self.spec.finetune.steps
-        rows = self.data.pool(self.languages["finetune"])
+        rows = self.data.pool(self.languages["finetune"], fine_tuning=True)
         callbacks: list[Callback] = []
         if self.algorithm.learns_during_training and spec.pruning.learning_steps is None:
             callbacks.append(LearnedImportance(self.algorithm, self.model, total))
@@ -406,7 +406,7 @@ class Run:
         """L0 gates or movement scores learnt for ``pruning.learning_steps`` on top of the dense fine-tuned
         model (shared through the stage cache), on other batches of the same training rows."""
         spec, total = self.spec, self.spec.pruning.learning_steps or 0
-        rows = self.data.pool(self.languages["finetune"])
+        rows = self.data.pool(self.languages["finetune"], fine_tuning=True)
         callbacks: list[Callback] = [LearnedImportance(self.algorithm, self.model, total)]
         optimizer, scheduler = self.optimizer(spec.finetune.learning_rate, total, spec.finetune.warmup_ratio,
                                               callbacks)
@@ -447,7 +447,9 @@ class Run:
         from raysparse.paths import data_dir
 
         location = resolve_model(spec.model.source)
-        determinants = {"model": spec.model.source, "weights": weights_digest(location), "task": spec.data.task,
+        # the task whose rows train (a train_task's model serves every task of its kind: the head is the same)
+        determinants = {"model": spec.model.source, "weights": weights_digest(location),
+                        "task": spec.data.train_task or spec.data.task,
                         "data_dir": str(data_dir(spec.data.dir)), "languages": sorted(self.languages["finetune"]),
                         "data": spec.data.model_dump(include={"regime", "train_fraction", "max_train_examples",
                                                                "max_length", "doc_stride"}),
@@ -675,7 +677,8 @@ class Run:
         self.model.eval()
         return evaluate(self.model, self.tokenizer, self.task.name, self.languages["evaluation"],
                         data_dir=spec.data.dir, max_examples=count, skip_examples=skip, seed=spec.seed,
-                        train_fraction=spec.data.train_fraction, masks=masks, verbose=not development)
+                        train_fraction=spec.data.train_fraction, masks=masks, verbose=not development,
+                        max_length=spec.data.max_length, stride=spec.data.doc_stride)
 
     def _masks_per_language(self) -> dict:
         """Each evaluation language's mask (the shared one for all, or its own)."""
