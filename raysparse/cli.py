@@ -83,7 +83,23 @@ def cmd_run(args) -> None:
 
 
 def cmd_shrink(args) -> None:
-    print(raysparse.shrink_checkpoint(args.model, args.sparsity, args.out, match_sparsity=args.match_sparsity).table())
+    print(raysparse.shrink_checkpoint(args.model, args.sparsity, args.out, match_sparsity=args.match_sparsity,
+                                      config=args.config, trial=args.trial).table())
+
+
+def cmd_search_subnetworks(args) -> None:
+    fields = {"model_dir": args.model, "task": args.task, "languages": _languages(args.languages),
+              "data_dir": args.data_dir, "candidates": args.candidates, "sampler": args.sampler,
+              "population": args.population, "seed": args.seed, "uniform_levels": not args.no_uniform_levels,
+              "max_sparsity": args.max_sparsity, "drop_layers": args.drop_layers, "max_examples": args.max_examples,
+              "skip_examples": args.skip_examples, "latency": args.latency, "batch_size": args.batch_size,
+              "sequence_length": args.seq_len, "threads": args.threads, "latency_table": args.latency_table,
+              "out": args.out, "tracking": not args.no_tracking, "tracking_uri": args.tracking_uri}
+    if args.objectives is not None:
+        fields["objectives"] = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    if args.name is not None:
+        fields["name"] = args.name
+    raysparse.search_subnetworks(**{k: v for k, v in fields.items() if v is not None})
 
 
 def cmd_export(args) -> None:
@@ -219,10 +235,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shrink", help="slice one size out of a Dynamic Sparsification checkpoint (any sparsity)")
     p.add_argument("model", metavar="MODEL_DIR", help="a DS checkpoint folder (pruning.schedule: dynamic writes one)")
-    p.add_argument("--sparsity", type=float, required=True, help="encoder sparsity in [0, 1): keep the top units")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="a uniform level: encoder sparsity in [0, 1), the top units of every layer")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="instead of --sparsity, a sub-network with a width per layer: a point JSON (heads, neurons, "
+                        "layers), or a sub-network search's subnetworks.json with --trial")
+    p.add_argument("--trial", type=int, default=None, help="with --config subnetworks.json: the candidate's trial number")
     p.add_argument("--out", required=True, help="folder for the shrunk model (loads with raysparse.load_model)")
     p.add_argument("--match-sparsity", action="store_true", default=None,
                    help="neurons absorb the rounding of the head count (default: as the checkpoint records)")
+
+    p = sub.add_parser("search-subnetworks",
+                       help="Optuna over per-layer widths of one DS checkpoint, no retraining; prints the Pareto front")
+    p.add_argument("model", metavar="MODEL_DIR", help="a DS checkpoint folder (pruning.schedule: dynamic writes one)")
+    p.add_argument("--candidates", type=int, default=None, help="sub-networks to score (default 200)")
+    p.add_argument("--sampler", default=None, choices=["nsga2", "tpe", "random"], help="Optuna sampler (default nsga2)")
+    p.add_argument("--population", type=int, default=None,
+                   help="NSGA-II population / TPE random start (default candidates/8, 10..50)")
+    p.add_argument("--objectives", default=None,
+                   help="comma-separated, of avg, worst, latency, params, bytes, flops (default avg,worst,latency)")
+    p.add_argument("--task", default=None, help="default: the task the checkpoint was trained on")
+    p.add_argument("--languages", default=None, help="comma-separated (default: the checkpoint's run's)")
+    p.add_argument("--max-examples", type=int, default=None, help="held-out rows per language (default: the run's)")
+    p.add_argument("--skip-examples", type=int, default=None,
+                   help="score from this row on (rows a later report does not use; default: the run's)")
+    p.add_argument("--max-sparsity", type=float, default=None,
+                   help="fewest units per layer: ceil((1-s)N) (default: the checkpoint's largest grid level)")
+    p.add_argument("--drop-layers", type=int, default=None,
+                   help="layers a candidate may drop (default: the checkpoint's dynamic.drop_layers_max)")
+    p.add_argument("--no-uniform-levels", action="store_true", help="do not score the checkpoint's grid levels first")
+    p.add_argument("--latency", default=None, choices=["predicted", "measured"],
+                   help="predicted by the per-layer latency table (default, fast) or timed per candidate")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of the latency objective (default 1)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length of latency and FLOPs (default 128)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for latency (default: torch's)")
+    p.add_argument("--latency-table", default=None, help="latency table cache: a folder or JSON file")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--data-dir", default=None, help="XTREME data folder (default: $RAYSPARSE_DATA)")
+    p.add_argument("--name", default=None, help="the search's name (MLflow run, default output folder)")
+    p.add_argument("--out", default=None, help="folder for subnetworks.json, the front and the plot "
+                                                "(default outputs/subnetworks/<name>)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI or the local one)")
+    p.add_argument("--no-tracking", action="store_true", help="write the files only, no MLflow run")
 
     p = sub.add_parser("export", help="write a logged (lean) model folder in the self-contained form, for shipping")
     p.add_argument("model", metavar="MODEL_DIR", help="a model folder written by raysparse (e.g. an MLflow model/ artifact)")
@@ -277,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"submit": cmd_submit, "cluster": cmd_cluster, "ui": cmd_ui, "report": cmd_report, "search": cmd_search, "run": cmd_run, "fetch-model": cmd_fetch_model, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench,
-            "shrink": cmd_shrink, "export": cmd_export}
+            "shrink": cmd_shrink, "export": cmd_export, "search-subnetworks": cmd_search_subnetworks}
 
 
 def check_entrypoint(entrypoint: str, root: str | Path = ".") -> tuple[str, Path | None]:

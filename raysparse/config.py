@@ -262,6 +262,19 @@ class DynamicConfig(Strict):
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)       # weight of the distillation loss against the task loss
     match_sparsity: bool = False                # neurons absorb the head rounding (exact encoder sparsity)
+    # what the samples_per_step random sub-networks of a step are: uniform levels of the grid (the same
+    # width in every layer), or per-layer (heads and neurons kept drawn in each layer on its own, between
+    # what the grid's sparsest level keeps and all; see docs/dynamic.md)
+    sampling: Literal["uniform", "per-layer"] = "uniform"
+    # per-layer sampling: drop up to this many whole layers from each random sub-network (0: never)
+    drop_layers_max: int = Field(0, ge=0)
+
+    @field_validator("drop_layers_max")
+    @classmethod
+    def _drop_layers_needs_per_layer_sampling(cls, value: int, info) -> int:
+        if value and info.data.get("sampling") != "per-layer":
+            raise ValueError("layers are dropped only with dynamic.sampling: per-layer")
+        return value
 
     @field_validator("grid")
     @classmethod

@@ -7,7 +7,8 @@
   ``TuneReportCallback``); the trial's result holds every level (``level/<s>/...``).
 - :func:`compare_with_separate_runs`: the same grid pruned as separate runs (fine-tune,
   prune, recover at each level), side by side with DS; ``raysparse run SPEC --compare``.
-- :func:`shrink_checkpoint`: one size sliced out of a DS checkpoint; ``raysparse shrink``.
+- :func:`shrink_checkpoint`: one size (a uniform level, or a sub-network with a width per layer
+  that a sub-network search found) sliced out of a DS checkpoint; ``raysparse shrink``.
 """
 
 from __future__ import annotations
@@ -268,7 +269,8 @@ class ShrinkResult:
     out_dir: Path
     full: Any    # raysparse.structure.Size
     shrunk: Any
-    sparsity: float
+    sparsity: float | None     # the uniform level sliced, or None for a sub-network (``subnetwork``)
+    subnetwork: Any = None     # raysparse.structure.Subnetwork
 
     def table(self) -> str:
         from raysparse.standalone import _millions
@@ -282,32 +284,48 @@ class ShrinkResult:
                 (f"GFLOPs/seq@{self.full.sequence_length}", f"{self.full.flops_per_sequence / 1e9:.2f}",
                  f"{self.shrunk.flops_per_sequence / 1e9:.2f}")]
         width = max(len(r[0]) for r in rows)
-        lines = [f"{'':{width}}  {'checkpoint':>12}  {f'level {self.sparsity:g}':>12}"]
+        label = "sub-network" if self.sparsity is None else f"level {self.sparsity:g}"
+        lines = [f"{'':{width}}  {'checkpoint':>12}  {label:>12}"]
         lines += [f"{name:{width}}  {a:>12}  {b:>12}" for name, a, b in rows]
         lines.append(f"\nsaved to {self.out_dir} (load with raysparse.load_model('{self.out_dir}'))")
         return "\n".join(lines)
 
 
-def shrink_checkpoint(model_dir: str | Path, sparsity: float, out: str | Path,
-                      match_sparsity: bool | None = None) -> ShrinkResult:
-    """Slice the prefix at ``sparsity`` out of a DS checkpoint and save it (tokenizer included)."""
+def shrink_checkpoint(model_dir: str | Path, sparsity: float | None, out: str | Path,
+                      match_sparsity: bool | None = None, *, config: str | Path | None = None,
+                      trial: int | None = None) -> ShrinkResult:
+    """Slice one sub-network out of a DS checkpoint and save it (tokenizer included): the uniform prefix
+    at ``sparsity``, or the sub-network of ``config`` (a point JSON, or with ``trial`` the
+    ``subnetworks.json`` of a sub-network search), exactly one of the two."""
     from raysparse.paths import check_output
-    from raysparse.structure import load_dynamic, measure, shrink_to
+    from raysparse.structure import load_dynamic, measure, read_subnetwork, shrink_subnetwork, shrink_to
     from raysparse.structure.rewire import save_dynamic
+    from raysparse.structure.subnetwork import naming
 
     check_output(out, str(model_dir))   # slicing into the checkpoint itself would lose every larger size
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+    if (sparsity is None) == (config is None):
+        raise RaysparseError("shrink: expected --sparsity (a uniform level) or --config (a sub-network JSON), "
+                             "exactly one of the two")
+    if trial is not None and config is None:
+        raise RaysparseError("shrink.trial: --trial picks a candidate of --config FILE (a search's subnetworks.json)")
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+                                 or not 0.0 <= sparsity < 1.0):
         raise RaysparseError(f"shrink.sparsity: expected a number in [0, 1), got {sparsity!r}")
+    subnetwork = read_subnetwork(config, trial) if config is not None else None
     model = load_dynamic(model_dir)
     full = measure(model)
-    shrink_to(model, sparsity, match_sparsity)
+    if subnetwork is None:
+        shrink_to(model, sparsity, match_sparsity)
+    else:
+        with naming(str(config) if trial is None else f"{config}, trial {trial}"):
+            shrink_subnetwork(model, subnetwork)
     tokenizer = None
     if any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         from raysparse.models.sources import load_tokenizer
 
         tokenizer = load_tokenizer(str(model_dir))
     out_dir = save_dynamic(model, out, tokenizer)
-    return ShrinkResult(Path(out_dir), full, measure(model), float(sparsity))
+    return ShrinkResult(Path(out_dir), full, measure(model), None if sparsity is None else float(sparsity), subnetwork)
 
 
 __all__ = ["Comparison", "DynamicResult", "ShrinkResult", "compare_with_separate_runs", "dynamic_spec",

@@ -8,10 +8,13 @@ from raysparse.structure.mask import Mask
 from raysparse.structure.shrink import Structure, select_units, shrink, structure_of
 from raysparse.structure.rewire import (is_rewired, load_dynamic, prefix_mask, prefix_sparsity, rewire, save_dynamic,
                                         shrink_to)
+from raysparse.structure.subnetwork import (Subnetwork, read_subnetwork, shrink_subnetwork, subnetwork_mask,
+                                            subnetwork_slices)
 
 __all__ = [
     "Encoder", "GateHandle", "Mask", "SUPPORTED_MODEL_TYPES", "Size", "Structure", "UnitGates", "apply_mask",
     "attach_gates", "encoder_flops", "encoder_sparsity_of", "is_pruned_checkpoint", "layout_for", "load_pruned",
     "measure", "params_per_head", "params_per_neuron", "retrieval_prompt", "save_pruned", "select_units", "shrink", "structure_of",
     "is_rewired", "load_dynamic", "prefix_mask", "prefix_sparsity", "rewire", "save_dynamic", "shrink_to",
+    "Subnetwork", "read_subnetwork", "shrink_subnetwork", "subnetwork_mask", "subnetwork_slices",
 ]

@@ -11,6 +11,17 @@ import torch
 from raysparse.errors import RaysparseError, expect
 
 
+def read_json(path: str | Path, field: str, expected: str):
+    """The JSON in ``path``; a missing file or bad JSON is one line naming ``field`` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RaysparseError(f"{field}: {path} does not exist (expected {expected})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RaysparseError(f"{field}: {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+
+
 @dataclass
 class Mask:
     """Kept units of an encoder, in the coordinates of the model it was made for.
@@ -142,14 +153,7 @@ class Mask:
 
     @classmethod
     def load(cls, path: str | Path) -> "Mask":
-        path = Path(path)
-        if not path.is_file():
-            raise RaysparseError(f"mask: {path} does not exist (expected a mask JSON file)")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RaysparseError(f"mask: {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "mask", "a mask JSON file"))
 
     def __eq__(self, other: object) -> bool:
         """Masks are equal when they keep the same units (rows of dropped layers do not matter)."""

@@ -6,7 +6,8 @@ prefix of every layer: the first ``h`` heads and the first ``n`` FFN neurons. In
 or columns (``W[:k]``, ``W[:, :k]``) instead of gating the full width, so a forward and
 backward pass cost what the sub-network costs, and gradients land in the shared weights
 exactly where gates of 1/0 would have put them (a prefix that gates cannot express, or a
-layer left with no heads or neurons, is the caller's to gate instead).
+layer left with no heads or neurons, is the caller's to gate instead). :func:`layer_subset` skips
+whole layers the same way: the encoder runs only the layers named, the others stay in the model.
 """
 
 from __future__ import annotations
@@ -70,4 +71,20 @@ def prefix_slices(model: nn.Module, heads: Sequence[int], neurons: Sequence[int]
             del linear.forward
 
 
-__all__ = ["prefix_lengths", "prefix_slices"]
+@contextlib.contextmanager
+def layer_subset(model: nn.Module, positions: Sequence[int]) -> Iterator[None]:
+    """Forward passes inside the block run only the encoder layers at ``positions`` (current layer
+    indices, in order); the others are skipped and get no gradient. The model is unchanged afterwards."""
+    encoder = Encoder(model).base.encoder
+    layers = encoder.layer
+    if list(positions) == list(range(len(layers))):
+        yield
+        return
+    encoder.layer = nn.ModuleList([layers[p] for p in positions])
+    try:
+        yield
+    finally:
+        encoder.layer = layers
+
+
+__all__ = ["layer_subset", "prefix_lengths", "prefix_slices"]

@@ -8,9 +8,11 @@ The stages of a normal run, with the same names, checkpoints and resume:
   the prefix of every layer (:mod:`raysparse.structure.rewire`).
 - ``recover``: every step trains the largest and the smallest level of ``dynamic.grid``
   plus ``dynamic.samples_per_step`` random other levels (sandwich rule) on one batch,
-  each as a prefix mask switched into the same gate hooks; the full sub-network's
-  outputs (detached) teach the smaller ones when ``dynamic.distill``; gradients of all
-  sub-networks accumulate before one optimizer step.
+  each at its own size (prefix views of the shared weights, or gates where a level is no
+  prefix); with ``dynamic.sampling: per-layer`` the random ones are sub-networks with a
+  width of their own in every layer, some layers maybe dropped (:func:`sample_subnetworks`);
+  the full sub-network's outputs (detached) teach the smaller ones when ``dynamic.distill``;
+  gradients of all sub-networks accumulate before one optimizer step.
 - ``evaluate``: every level, every language, under its prefix mask.
 - ``finalize``: every level sliced physically; parameters, bytes, FLOPs and latency per
   level; the curve as Tune/Train results (keys ``level/<s>/...``) and as MLflow metrics
@@ -35,10 +37,13 @@ import torch
 import yaml
 from torch import nn
 
+from raysparse.errors import RaysparseError
 from raysparse.metric_keys import AGGREGATES, avg_key, languages_in, metric_key, worst_key
 from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, measure, prefix_mask, rewire, shrink_to
-from raysparse.structure.rewire import dynamic_info, mark, save_dynamic
+from raysparse.structure.rewire import dynamic_info, mark, prefix_counts, save_dynamic
+from raysparse.structure.shrink import structure_of
 from raysparse.structure.slicing import prefix_lengths, prefix_slices
+from raysparse.structure.subnetwork import Subnetwork, subnetwork_slices
 from raysparse.training.finalize import stage_costs
 from raysparse.training.loop import Every, Progress
 from raysparse.training.state import STAGES
@@ -61,6 +66,33 @@ def sample_levels(grid: list[float], samples: int, seed: int, step: int) -> list
     rng = random.Random(seed * 1_000_003 + step)
     chosen = sorted(rng.sample(middle, min(samples, len(middle))))
     return [grid[0], *chosen, *([grid[-1]] if len(grid) > 1 else [])]
+
+
+def sample_subnetworks(shape: tuple[int, int, int], smallest: tuple[int, int], samples: int, seed: int, step: int,
+                       drop_layers_max: int = 0) -> list[Subnetwork]:
+    """``samples`` random sub-networks with a width per layer, a pure function of (seed, step), so a resumed
+    run draws what an uninterrupted one draws. In every layer, independently, the heads kept are drawn
+    uniformly from ``smallest[0]``..all and the neurons from ``smallest[1]``..all (each at least 1: a
+    prefix of the importance order); with ``drop_layers_max``, 0..that many layers (never all) are
+    dropped, chosen at random."""
+    num_layers, num_heads, ffn = shape
+    low_heads, low_neurons = max(1, min(smallest[0], num_heads)), max(1, min(smallest[1], ffn))
+    most_dropped = min(drop_layers_max, num_layers - 1)
+    rng = random.Random(f"raysparse/per-layer/{seed}/{step}")
+    out = []
+    for _ in range(samples):
+        heads = [rng.randint(low_heads, num_heads) for _ in range(num_layers)]
+        neurons = [rng.randint(low_neurons, ffn) for _ in range(num_layers)]
+        dropped = set(rng.sample(range(num_layers), rng.randint(0, most_dropped))) if most_dropped > 0 else set()
+        out.append(Subnetwork(heads, neurons, [i for i in range(num_layers) if i not in dropped]))
+    return out
+
+
+def smallest_counts(model: nn.Module, grid: list[float], match_sparsity: bool) -> tuple[int, int]:
+    """Heads and neurons per layer of the grid's smallest level: the least per-layer sampling keeps."""
+    enc = Encoder(model)
+    _, num_heads, ffn = structure_of(model).shape
+    return prefix_counts(grid[-1], num_heads, ffn, enc.hidden_size, enc.head_dim, match_sparsity)
 
 
 def nearest_level(grid: list[float], sparsity: float) -> float:
@@ -152,15 +184,25 @@ def curve_plot(metrics: dict, grid: list[float], task: str, metric: str, title: 
 class DynamicRun(Run):
     """A run whose pruning stage rewires and whose recovery trains every size at once."""
 
+    def __init__(self, config: dict, session=None):
+        super().__init__(config, session)
+        dyn, layers = self.spec.dynamic, structure_of(self.model).shape[0]
+        if dyn.drop_layers_max >= layers:   # before any training: the spec cannot work on this model
+            raise RaysparseError(f"dynamic.drop_layers_max: {dyn.drop_layers_max} would leave no layer of this "
+                                 f"{layers}-layer model (expected at most {layers - 1})")
+
     # --- resume: a checkpoint after the prune stage holds rewired weights -----------------------
     def _before_weights_load(self) -> None:
         if STAGES.index(self.state.stage) > STAGES.index("prune") and SHARED in self.state.scores:
             self._rewire(self.state.scores[SHARED])
 
     def _rewire(self, scores) -> None:
+        dyn = self.spec.dynamic
         rewire(self.model, scores)
-        mark(self.model, {**dynamic_info(self.model), "grid": list(self.spec.dynamic.grid),
-                          "match_sparsity": self.spec.dynamic.match_sparsity})
+        per_layer = {"sampling": dyn.sampling, "drop_layers_max": dyn.drop_layers_max} \
+            if dyn.sampling != "uniform" else {}
+        mark(self.model, {**dynamic_info(self.model), "grid": list(dyn.grid), "match_sparsity": dyn.match_sparsity,
+                          **per_layer})
 
     def _level_gates(self, level: float) -> UnitGates:
         """Gate rows of the prefix at ``level`` on this worker's device (none for the full model)."""
@@ -203,7 +245,7 @@ class DynamicRun(Run):
         return self.data.loss_of(outputs), outputs
 
     def _train_every_size(self) -> None:
-        """The loop with one backward pass per sampled level (sandwich rule), gradients accumulated."""
+        """The loop with one backward pass per sampled sub-network (sandwich rule), gradients accumulated."""
         from raysparse.training.distill import distillation_loss
 
         spec, dyn = self.spec, self.spec.dynamic
@@ -211,42 +253,54 @@ class DynamicRun(Run):
         level_gates = {level: self._level_gates(level) for level in dyn.grid}
         # a level whose kept units are a prefix of every layer trains at its own size (weights shared)
         level_slices = {level: _prefix_counts(gates) for level, gates in level_gates.items()}
+        per_layer = dyn.sampling == "per-layer"
+        shape = structure_of(self.model).shape
+        smallest = smallest_counts(self.model, dyn.grid, dyn.match_sparsity) if per_layer else None
         gates = UnitGates()
-        last: dict[float, float] = {}   # loss of each level trained at the latest step
+        last: dict[str, float] = {}   # loss of each sub-network trained at the latest step, largest first
 
         def passes(step: int) -> list:
             batch = self.data.batch(rows, step, spec.finetune.batch_size, salt=3000)
-            levels = sample_levels(dyn.grid, dyn.samples_per_step, spec.seed, step)
             teacher: dict = {}
             last.clear()
 
-            def pass_at(level: float):
+            def forward(name: str, chosen: UnitGates, sliced):
                 def compute() -> torch.Tensor:
-                    counts = level_slices[level]
-                    chosen = UnitGates() if counts else level_gates[level]
                     gates.heads, gates.neurons, gates.layers = chosen.heads, chosen.neurons, chosen.layers
-                    with prefix_slices(self.model, *counts) if counts else contextlib.nullcontext():
+                    with sliced():
                         loss, outputs = self._loss_and_outputs(batch)
                     if not teacher:     # the largest sub-network (level 0: the full model) teaches
                         teacher.update({k: v.detach() for k, v in outputs.items()
                                         if k != "loss" and isinstance(v, torch.Tensor)})
                     elif dyn.distill:
                         loss = distillation_loss(outputs, teacher, dyn.temperature, dyn.alpha, task_loss=loss)
-                    last[level] = loss.item()
+                    last[name] = loss.item()
                     return loss
                 return compute
 
-            return [pass_at(level) for level in levels]
+            def at_level(level: float):
+                counts = level_slices[level]
+                return forward(level_key(level), UnitGates() if counts else level_gates[level],
+                               (lambda: prefix_slices(self.model, *counts)) if counts else contextlib.nullcontext)
+
+            def at_subnetwork(index: int, sub: Subnetwork):
+                return forward(f"per-layer-{index}", UnitGates(), lambda: subnetwork_slices(self.model, sub))
+
+            if not per_layer:
+                return [at_level(level) for level in sample_levels(dyn.grid, dyn.samples_per_step, spec.seed, step)]
+            ends = [dyn.grid[0], *([dyn.grid[-1]] if len(dyn.grid) > 1 else [])]
+            sampled = sample_subnetworks(shape, smallest, dyn.samples_per_step, spec.seed, step, dyn.drop_layers_max)
+            return [at_level(ends[0]), *(at_subnetwork(i, sub) for i, sub in enumerate(sampled)),
+                    *(at_level(level) for level in ends[1:])]
 
         def log_ends(step: int, loss: float) -> None:
             if self.is_chief:
-                levels = sorted(last)
-                self.log.metrics({"dynamic/loss/largest": last[levels[0]], "dynamic/loss/smallest": last[levels[-1]]},
+                names = list(last)
+                self.log.metrics({"dynamic/loss/largest": last[names[0]], "dynamic/loss/smallest": last[names[-1]]},
                                  step=step)
 
         optimizer, scheduler = self.optimizer(dyn.learning_rate, dyn.steps, 0.0)
-        progress = Progress("dynamic", dyn.steps, self.is_chief,
-                            extra=lambda step: f"(levels {', '.join(level_key(s) for s in sorted(last))})")
+        progress = Progress("dynamic", dyn.steps, self.is_chief, extra=lambda step: f"(levels {', '.join(last)})")
         with attach_gates(self.model, gates):
             self.fit("dynamic", passes, optimizer, scheduler, dyn.steps, [Every(10, log_ends, dyn.steps)],
                      progress=progress)
@@ -285,6 +339,16 @@ class DynamicRun(Run):
             self.state.metrics.update(finalize_curve(self))
         self.state.advance("done")
         self.report(checkpoint=True)
+
+
+def checkpoint_extra(spec, task: str, languages: list[str]) -> dict:
+    """What a DS checkpoint records of its run (sidecar ``extra``): the task and run, and how it evaluated
+    (languages, the split's seed and train fraction, rows), so a sub-network search scores on the same
+    held-out rows by default."""
+    return {"task": task, "run": spec.name,
+            "evaluation": {"languages": list(languages), "seed": spec.seed, "train_fraction": spec.data.train_fraction,
+                           "max_examples": spec.data.max_eval_examples,
+                           "skip_examples": spec.data.skip_eval_examples}}
 
 
 def finalize_curve(run: DynamicRun) -> dict:
@@ -351,7 +415,7 @@ def finalize_curve(run: DynamicRun) -> dict:
         log.artifact(folder, "results")
         log.figure(curve_plot(everything, dyn.grid, task, metric), "results/curve.png")
         if spec.tracking.log_models != "none" and log.active:
-            info = {"task": task, "run": spec.name}
+            info = checkpoint_extra(spec, task, run.languages["evaluation"])
             log.artifact(save_dynamic(run.model, folder / "model" / "dynamic", run.tokenizer, grid=dyn.grid,
                                       extra=info), "model/dynamic")
             for level in dyn.grid if spec.tracking.log_models == "all" else []:
@@ -362,4 +426,4 @@ def finalize_curve(run: DynamicRun) -> dict:
 
 
 __all__ = ["DynamicRun", "curve_plot", "curve_table", "level_key", "level_step", "nearest_level", "sample_levels",
-           "split_curve"]
+           "checkpoint_extra", "sample_subnetworks", "smallest_counts", "split_curve"]

@@ -1,0 +1,204 @@
+"""Per-layer sub-networks of one super-network against its uniform levels, at equal latency.
+
+1. ONE Dynamic Sparsification run in this process (no Ray, no MLflow) on the embedded model with
+   ``dynamic.sampling: per-layer``: fine-tune on XNLI translation pairs, score, rewire, then every step
+   trains the full network, the grid's smallest level and ``--samples-per-step`` sub-networks with a
+   width of their own in every layer (some layers dropped with ``--drop-layers``), distilled from the
+   full one. Its checkpoint is saved as a DS run logs it.
+2. A sub-network search on it (``raysparse search-subnetworks``, NSGA-II): ``--candidates``
+   sub-networks, each scored on Tatoeba *search rows* (rows ``--report-examples`` .. +
+   ``--search-examples`` of every language) with latency predicted by the per-layer table.
+3. For every uniform level of the grid: the best searched sub-network (highest average on the search
+   rows) whose predicted latency is within the level's predicted latency (both sides predicted by the
+   one table, so its bias cancels). Both are then scored on the *report rows* (the first
+   ``--report-examples`` of every language, which the search never saw) and timed directly, interleaved.
+
+Prints, per level: measured latency of both, quality of both on the report rows (avg and worst
+language), the quality ratio (searched / uniform) and the measured-latency ratio; then the latency
+table's prediction error (|predicted - measured| / measured) over every timed model. No assertions.
+
+Defaults (the full size, about 15-20 minutes on 2 shared cores): Tatoeba de, fr, ru; 256 XNLI pairs
+per language; 20 fine-tuning steps and 60 DS steps of batch 16 at 32 tokens, 2 per-layer sub-networks
+per step (4 passes), grid 0, 0.1, ..., 0.7 (the smallest width per layer: 30% of heads and neurons),
+no dropped layers; 200 candidates; 100 report and 100 search rows per language; latency at batch 1 x
+64 tokens on 1 thread.
+
+    .venv/bin/python experiments/bench/subnetwork_front.py                       # the full size
+    .venv/bin/python experiments/bench/subnetwork_front.py --model tiny --languages de --steps 2 \\
+        --finetune-steps 1 --candidates 10 --report-examples 20 --search-examples 20   # the smoke run (1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def ds_spec(args, model: str, storage: Path) -> dict:
+    grid = [round(0.1 * i, 1) for i in range(args.levels)]
+    return {
+        "name": f"bench-subnetwork-front-{int(time.time())}",
+        "seed": args.seed,
+        "model": {"source": model},
+        "data": {"task": "tatoeba", "languages": args.languages.split(","), "max_train_examples": args.train_examples,
+                 "max_eval_examples": args.report_examples, "max_length": args.max_length},
+        "finetune": {"steps": args.finetune_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate},
+        "pruning": {"algorithm": "gradient", "schedule": "dynamic", "sparsity": 0.5,
+                    "scoring_examples": args.scoring_examples},
+        "dynamic": {"grid": grid, "samples_per_step": args.samples_per_step, "steps": args.steps,
+                    "learning_rate": args.learning_rate, "distill": True, "sampling": "per-layer",
+                    "drop_layers_max": args.drop_layers},
+        "efficiency": {"latency": False},
+        "resources": {"checkpoint_every": 10_000},
+        "tracking": {"log_models": "none"},
+        "storage": str(storage),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded", help="embedded, tiny (the random test encoder) or a folder")
+    parser.add_argument("--languages", default="de,fr,ru")
+    parser.add_argument("--levels", type=int, default=8, help="grid 0, 0.1, ..., (levels-1)/10")
+    parser.add_argument("--finetune-steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=60, help="DS (super-network) training steps")
+    parser.add_argument("--samples-per-step", type=int, default=2, help="per-layer sub-networks per step")
+    parser.add_argument("--drop-layers", type=int, default=0, help="dynamic.drop_layers_max (and the search's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--train-examples", type=int, default=256, help="XNLI translation pairs per language")
+    parser.add_argument("--scoring-examples", type=int, default=32)
+    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--report-examples", type=int, default=100, help="Tatoeba pairs per language of the report")
+    parser.add_argument("--search-examples", type=int, default=100,
+                        help="Tatoeba pairs per language the search scores (after the report's)")
+    parser.add_argument("--seq-len", type=int, default=64, help="sequence length of the latency objective and timing")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15, help="timing rounds (table and direct timing)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder for the checkpoint, the search and front.json")
+    args = parser.parse_args()
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from raysparse.efficiency import fixed_threads
+    from raysparse.efficiency.latency import time_rounds
+    from raysparse.efficiency.latency_table import LatencyTable
+    from raysparse.models.sources import load_tokenizer
+    from raysparse.runner import run_in_process
+    from raysparse.search.subnetworks import search_subnetworks, uniform_levels
+    from raysparse.structure import Encoder, Subnetwork, load_dynamic, save_dynamic, shrink_subnetwork, subnetwork_slices
+    from raysparse.training.dynamic import checkpoint_extra, copy_sharing_embeddings
+    from raysparse.training.evaluate import evaluate
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="raysparse-bench-front-")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model == "tiny":
+        from raysparse.models.tiny import make_tiny_encoder
+
+        model = str(make_tiny_encoder(out / "tiny", languages=("en", *args.languages.split(","))))
+    spec = ds_spec(args, model, out / "runs")
+    print(f"super-network: {args.finetune_steps} fine-tuning + {args.steps} DS steps of batch {args.batch_size} at "
+          f"{args.max_length} tokens, {args.samples_per_step} per-layer sub-networks per step"
+          f"{f', up to {args.drop_layers} layers dropped' if args.drop_layers else ''}; grid "
+          f"{spec['dynamic']['grid']}; Tatoeba {args.languages}; results in {out}", flush=True)
+    started = time.time()
+    pipeline = run_in_process(spec)
+    trained = time.time() - started
+    checkpoint = save_dynamic(pipeline.model, out / "dynamic", pipeline.tokenizer, grid=pipeline.spec.dynamic.grid,
+                              extra=checkpoint_extra(pipeline.spec, "tatoeba", pipeline.languages["evaluation"]))
+    del pipeline
+    print(f"\nsuper-network trained in {trained:.0f}s; checkpoint {checkpoint}", flush=True)
+
+    started = time.time()
+    result = search_subnetworks(model_dir=str(checkpoint), name="bench-front", candidates=args.candidates,
+                                seed=args.seed, max_examples=args.search_examples, skip_examples=args.report_examples,
+                                sequence_length=args.seq_len, threads=args.threads, rounds=args.rounds,
+                                latency_table=str(out / "latency-tables"), out=str(out / "search"), tracking=False,
+                                drop_layers=args.drop_layers, verbose=False)
+    searched_seconds = time.time() - started
+    quality, worst = result.objectives[0][0], result.objectives[1][0]
+    print(f"search: {len(result.rows)} candidates in {searched_seconds:.0f}s "
+          f"({searched_seconds / len(result.rows):.1f}s each), front {len(result.front)}", flush=True)
+
+    full = load_dynamic(checkpoint).eval()
+    tokenizer = load_tokenizer(str(checkpoint))
+    table = LatencyTable.cached(Encoder(full).base, 1, args.seq_len, threads=args.threads, cache=out / "latency-tables",
+                                rounds=args.rounds)
+    grid = [round(0.1 * i, 1) for i in range(args.levels)]
+    searched = [r for r in result.rows if r["uniform_level"] is None and not r["repeat"]]
+    pairs = []
+    for level, sub in uniform_levels(full, grid):
+        budget = table.predict(sub.counts())
+        fitting = [r for r in searched if r["latency_ms"] <= budget]
+        best = max(fitting, key=lambda r: (r[quality], r[worst], -r["latency_ms"])) if fitting else None
+        pairs.append((level, sub, budget, best))
+
+    def report(sub: Subnetwork) -> dict:
+        with subnetwork_slices(full, sub):
+            metrics = evaluate(full, tokenizer, "tatoeba", args.languages.split(","), max_examples=args.report_examples,
+                               seed=args.seed, train_fraction=0.5, verbose=False).metrics
+        return {"avg": metrics[quality], "worst": metrics[worst]}
+
+    models, predicted = {}, {}
+    rows = []
+    for level, sub, budget, best in pairs:
+        models[f"level {level:g}"] = shrink_subnetwork(copy_sharing_embeddings(full), sub).eval()
+        predicted[f"level {level:g}"] = budget
+        row = {"level": level, "uniform": report(sub), "uniform_predicted_ms": budget}
+        if best is not None:
+            chosen = Subnetwork.from_dict(best["subnetwork"])
+            name = f"trial {best['trial']}"
+            if name not in models:
+                models[name] = shrink_subnetwork(copy_sharing_embeddings(full), chosen).eval()
+                predicted[name] = best["latency_ms"]
+            row.update({"trial": best["trial"], "searched": report(chosen), "searched_search_rows": best[quality],
+                        "searched_predicted_ms": best["latency_ms"], "subnetwork": best["subnetwork"]})
+        rows.append(row)
+    with fixed_threads(args.threads):
+        times = time_rounds({name: Encoder(m).base for name, m in models.items()}, 1, args.seq_len, args.rounds,
+                            warmup=3)
+    measured = {name: statistics.median(values) for name, values in times.items()}
+
+    print(f"\nat each uniform level's latency (batch 1 x {args.seq_len} tokens, {args.threads} thread(s)): the best "
+          f"searched sub-network, both scored on the {args.report_examples} report rows per language")
+    header = (f"{'level':>5}  {'uni ms':>7}  {'srch ms':>7}  {'uni avg':>7}  {'srch avg':>8}  {'uni worst':>9}  "
+              f"{'srch worst':>10}  {'q ratio':>7}  {'ms ratio':>8}  trial")
+    print(header)
+    ratios = []
+    for row in rows:
+        level = f"level {row['level']:g}"
+        row["uniform_measured_ms"] = measured[level]
+        if "trial" not in row:
+            print(f"{row['level']:>5g}  {measured[level]:7.2f}  {'-':>7}  {row['uniform']['avg']:7.3f}  (no searched "
+                  "sub-network within its predicted latency)")
+            continue
+        mine = measured[f"trial {row['trial']}"]
+        row["searched_measured_ms"] = mine
+        ratio = row["searched"]["avg"] / row["uniform"]["avg"] if row["uniform"]["avg"] else float("nan")
+        ratios.append(ratio)
+        print(f"{row['level']:>5g}  {measured[level]:7.2f}  {mine:7.2f}  {row['uniform']['avg']:7.3f}  "
+              f"{row['searched']['avg']:8.3f}  {row['uniform']['worst']:9.3f}  {row['searched']['worst']:10.3f}  "
+              f"{ratio:7.3f}  {mine / measured[level]:8.3f}  {row['trial']}")
+    if ratios:
+        print(f"quality ratio searched / uniform (report rows): median {statistics.median(ratios):.3f}, "
+              f"min {min(ratios):.3f}, max {max(ratios):.3f}")
+    errors = {name: abs(predicted[name] - measured[name]) / measured[name] for name in measured}
+    print(f"latency table prediction error over {len(errors)} timed models: median "
+          f"{100 * statistics.median(errors.values()):.1f}%, max {100 * max(errors.values()):.1f}% "
+          f"(dense: predicted {table.dense_ms():.2f} ms, measured {measured['level 0']:.2f} ms)")
+    print(f"times: super-network {trained:.0f}s, search {searched_seconds:.0f}s")
+    (out / "front.json").write_text(json.dumps({"settings": vars(args), "train_seconds": trained,
+                                                "search_seconds": searched_seconds, "levels": rows,
+                                                "prediction_errors": errors}, indent=1, default=str))
+    print(f"wrote {out / 'front.json'}; the search: {out / 'search'}")
+
+
+if __name__ == "__main__":
+    main()

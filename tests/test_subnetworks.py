@@ -1,0 +1,307 @@
+"""Sub-networks with a width per layer: per-layer sampling in Dynamic Sparsification, slicing against
+masking, the search without retraining, and the one-line errors of bad input. In-process, tiny models."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import raysparse
+from raysparse.config import RunSpec, parse
+from raysparse.errors import RaysparseError
+from raysparse.structure import (Encoder, Subnetwork, apply_mask, load_dynamic, measure, rewire, save_dynamic,
+                                 save_pruned, shrink_subnetwork, structure_of, subnetwork_mask, subnetwork_slices)
+from raysparse.structure.subnetwork import Costs, read_subnetwork
+from raysparse.training.dynamic import sample_levels, sample_subnetworks
+from tests.test_rewire import FAMILIES, hidden, inputs, random_scores, tiny
+
+def one_line(info) -> str:
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.timeout(60)
+def test_per_layer_sampling_is_seeded_within_bounds_and_differs_between_layers():
+    shape, smallest = (12, 12, 1536), (5, 615)
+    seen_drops, different_layers = set(), 0
+    for step in range(40):
+        subs = sample_subnetworks(shape, smallest, 2, seed=3, step=step, drop_layers_max=2)
+        assert subs == sample_subnetworks(shape, smallest, 2, seed=3, step=step, drop_layers_max=2), \
+            "a pure function of (seed, step): a resumed run draws the same"
+        assert len(subs) == 2
+        for sub in subs:
+            kept = sub.kept_layers
+            assert 10 <= len(kept) <= 12
+            seen_drops.add(12 - len(kept))
+            assert all(5 <= sub.heads[i] <= 12 and 615 <= sub.neurons[i] <= 1536 for i in kept)
+            assert all(sub.heads[i] == sub.neurons[i] == 0 for i in range(12) if i not in kept)
+            different_layers += len({sub.heads[i] for i in kept}) > 1 and len({sub.neurons[i] for i in kept}) > 1
+    assert different_layers == 80, "each layer draws its own width"
+    assert seen_drops == {0, 1, 2}
+    assert sample_subnetworks(shape, smallest, 2, 3, 0) != sample_subnetworks(shape, smallest, 2, 3, 1)
+    assert sample_subnetworks(shape, smallest, 2, 3, 0) != sample_subnetworks(shape, smallest, 2, 4, 0)
+    assert all(sub.layers is None for step in range(20) for sub in sample_subnetworks(shape, smallest, 2, 0, step))
+    assert all(len(sub.kept_layers) == 1 for sub in sample_subnetworks((2, 4, 8), (1, 1), 30, 0, 0, drop_layers_max=5)
+               if sub.layers is not None), "never every layer dropped"
+    # the uniform sampler is untouched by the new option
+    assert sample_levels([0.0, 0.3, 0.6, 0.9], 1, 0, 5) == sample_levels([0.0, 0.3, 0.6, 0.9], 1, 0, 5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model_cls,config_cls", FAMILIES)
+def test_slicing_a_subnetwork_equals_masking_the_super_network(model_cls, config_cls):
+    model, batch = tiny(model_cls, config_cls), inputs()
+    original = copy.deepcopy(model)
+    rewire(model, random_scores(model))
+    for sub in (Subnetwork([6, 2, 4], [40, 7, 1]), Subnetwork([3, 5, 1], [9, 40, 22], layers=[0, 2]),
+                Subnetwork([1, 6, 2], [3, 12, 40], layers=[1])):
+        mask = subnetwork_mask(model, sub)
+        assert mask.kept_layers.tolist() == [i in sub.kept_layers for i in range(3)]
+        with apply_mask(original, mask):      # the unrewired model, masked in original coordinates
+            masked = hidden(original, batch)
+        with apply_mask(model, mask):
+            torch.testing.assert_close(hidden(model, batch), masked, atol=1e-5, rtol=0)
+        with subnetwork_slices(model, sub):
+            sliced = hidden(model, batch)
+        torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=0)
+        assert len(Encoder(model).layers) == 3 and all("forward" not in vars(m) for m in model.modules()), \
+            "the slices outlived the block"
+        small = shrink_subnetwork(copy.deepcopy(model), sub)
+        torch.testing.assert_close(hidden(small, batch), masked, atol=1e-5, rtol=0)
+        assert structure_of(small).to_mask() == mask
+        assert Encoder(small).heads_per_layer() == [sub.heads[i] for i in sub.kept_layers]
+        size, costs = measure(small), Costs.of(model)
+        assert (costs.params(sub), costs.bytes(sub)) == (size.total_params, size.bytes)
+        assert costs.encoder_sparsity(sub) == pytest.approx(size.encoder_sparsity)
+        assert costs.flops(sub) == size.flops_per_sequence
+
+
+@pytest.mark.timeout(60)
+def test_a_sliced_subnetwork_trains_the_shared_weights_as_gates_would():
+    """Per-layer sampling trains through the slices: the gradients of the kept layers are the gated ones."""
+    from raysparse.structure import UnitGates, attach_gates
+    from raysparse.structure.shrink import mask_rows_for
+
+    model, batch = tiny(BertModel, BertConfig), inputs()
+    rewire(model, random_scores(model))
+    sub = Subnetwork([2, 6, 3], [11, 4, 40], layers=[0, 1])
+
+    def forward_backward(context):
+        model.zero_grad(set_to_none=True)
+        with context:
+            out = model(**batch).last_hidden_state
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    gated_out, gated = forward_backward(attach_gates(model, UnitGates(*mask_rows_for(model, subnetwork_mask(model, sub)))))
+    sliced_out, sliced = forward_backward(subnetwork_slices(model, sub))
+    torch.testing.assert_close(sliced_out, gated_out, atol=1e-5, rtol=1e-4)
+    assert not any(name.startswith("encoder.layer.2.") for name in sliced), "a dropped layer is skipped"
+    for name, grad in sliced.items():
+        torch.testing.assert_close(grad, gated[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def ds_spec(model_dir, storage, **dynamic):
+    return {"name": "per-layer-ds", "model": {"source": str(model_dir)},
+            "data": {"task": "tatoeba", "languages": ["de"], "max_train_examples": 32, "max_eval_examples": 20,
+                     "max_length": 24},
+            "finetune": {"steps": 1, "batch_size": 8, "learning_rate": 1e-3},
+            "pruning": {"algorithm": "gradient", "schedule": "dynamic", "sparsity": 0.3, "scoring_examples": 8},
+            "dynamic": {"grid": [0.0, 0.3, 0.6], "samples_per_step": 2, "steps": 2, "learning_rate": 1e-3, **dynamic},
+            "efficiency": {"latency": False}, "resources": {"checkpoint_every": 50},
+            "tracking": {"log_models": "none"}, "storage": str(storage)}
+
+
+@pytest.fixture(scope="module")
+def per_layer_checkpoint(tiny_model_dir, tmp_path_factory, one_torch_thread):
+    """A per-layer DS run in-process on the tiny encoder, saved as the run logs its checkpoint."""
+    from raysparse.runner import run_in_process
+    from raysparse.training.dynamic import checkpoint_extra
+
+    folder = tmp_path_factory.mktemp("per-layer-ds")
+    spec = ds_spec(tiny_model_dir, folder / "runs", sampling="per-layer", drop_layers_max=1)
+    pipeline = run_in_process(spec)
+    spec = pipeline.spec
+    out = save_dynamic(pipeline.model, folder / "dynamic", pipeline.tokenizer, grid=spec.dynamic.grid,
+                       extra=checkpoint_extra(spec, "tatoeba", ["de"]))
+    return out, pipeline
+
+
+@pytest.mark.timeout(300)
+def test_a_per_layer_run_trains_and_records_its_sampling(per_layer_checkpoint):
+    folder, pipeline = per_layer_checkpoint
+    info = json.loads((folder / "raysparse.json").read_text())["extra"]
+    assert info["dynamic"]["sampling"] == "per-layer" and info["dynamic"]["drop_layers_max"] == 1
+    assert info["evaluation"] == {"languages": ["de"], "seed": 0, "train_fraction": 0.5, "max_examples": 20,
+                                  "skip_examples": 0}
+    for level in ("0", "0.3", "0.6"):
+        assert 0.0 <= pipeline.state.metrics[f"level/{level}/tatoeba/avg/accuracy"] <= 1.0
+
+
+@pytest.mark.timeout(300)
+def test_a_per_layer_run_resumes_exactly(tiny_model_dir, tmp_path, one_torch_thread):
+    """Stopped in the middle of per-layer training, the run resumes and ends where an uninterrupted one ends:
+    every step draws the same sub-networks."""
+    from raysparse.runner import as_spec, preflight
+    from raysparse.training.pipeline import build_pipeline
+    from raysparse.training.session import LocalSession
+    from tests.test_pipeline import Interrupt, assert_same_weights
+
+    data = ds_spec(tiny_model_dir, tmp_path / "runs", sampling="per-layer", drop_layers_max=1, steps=3)
+    data["resources"]["checkpoint_every"] = 1
+    spec = as_spec(data)
+    languages = preflight(spec)
+    straight = build_pipeline(spec, languages, LocalSession(), storage=str(tmp_path / "runs"))
+    straight.execute()
+    first = build_pipeline(spec, languages, LocalSession(tmp_path / "ckpt"), storage=str(tmp_path / "runs"))
+    first.finetune(), first.prune()
+    first.observers.append(Interrupt(after=2))
+    with pytest.raises(Interrupt.Killed):
+        first.recover()
+    resumed = build_pipeline(spec, languages, LocalSession(tmp_path / "ckpt"), storage=str(tmp_path / "runs"))
+    assert (resumed.state.stage, resumed.state.step) == ("recover", 2)
+    resumed.execute()
+    assert_same_weights(straight.model, resumed.model, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_a_tiny_search_finds_a_front_whose_points_slice_load_and_evaluate(per_layer_checkpoint, tmp_path, capsys):
+    import mlflow
+
+    from raysparse.cli import main
+    from raysparse.training.evaluate import evaluate
+
+    folder, _ = per_layer_checkpoint
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("subnetworks", artifact_location=(tmp_path / "artifacts").as_uri())
+    result = raysparse.search_subnetworks(model_dir=str(folder), candidates=8, population=3, seed=1,
+                                          objectives=["avg", "worst", "latency", "params"], out=str(tmp_path / "out"),
+                                          latency_table=str(tmp_path / "tables"), rounds=2, sequence_length=16,
+                                          tracking_uri=uri, experiment="subnetworks", verbose=False)
+    assert len(result.rows) == 8 and result.front
+    assert [r["uniform_level"] for r in result.rows[:3]] == [0.0, 0.3, 0.6]
+    assert {r["suggested_by"] for r in result.rows[:3]} == {"uniform"}
+    assert any(r["suggested_by"] == "nsga2" for r in result.rows), "NSGA-II bred offspring after its population"
+    keys = ["tatoeba/avg/accuracy", "tatoeba/worst/accuracy", "latency_ms", "params"]
+    assert [key for key, _ in result.objectives] == keys
+    assert all(isinstance(r[k], (int, float)) for r in result.rows for k in keys)
+    assert any(r["subnetwork"]["layers"] != [0, 1] for r in result.rows), "depth is searched (drop_layers_max 1)"
+    record = json.loads((tmp_path / "out" / "subnetworks.json").read_text())
+    assert record["front"] == [r["trial"] for r in result.front] and len(record["candidates"]) == 8
+    assert record["evaluation"]["max_examples"] == 20 and record["space"]["drop_layers"] == 1
+    assert {p.name for p in (tmp_path / "out" / "points").iterdir()} == {f"trial-{r['trial']}.json" for r in result.front}
+
+    [run] = client.search_runs([client.get_experiment_by_name("subnetworks").experiment_id])
+    assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["raysparse.kind"] == "subnetwork-search" and run.data.metrics["pareto_size"] == len(result.front)
+    assert len(client.get_metric_history(run.info.run_id, "candidate/tatoeba/avg/accuracy")) == 8
+    assert {"search/subnetworks.json", "search/pareto.png", "search/candidates.csv", "search/pareto.txt"} <= \
+        {f.path for f in client.list_artifacts(run.info.run_id, "search")}
+
+    point = result.front[-1]
+    trial = point["trial"]
+    assert main(["shrink", str(folder), "--config", str(tmp_path / "out" / "subnetworks.json"), "--trial", str(trial),
+                 "--out", str(tmp_path / "small")]) == 0
+    assert "sub-network" in capsys.readouterr().out
+    small = raysparse.load_model(str(tmp_path / "small"))
+    sub = Subnetwork.from_dict(point["subnetwork"])
+    assert Encoder(small).heads_per_layer() == [sub.heads[i] for i in sub.kept_layers]
+    assert measure(small).total_params == point["params"]
+    again = evaluate(small, raysparse.load_tokenizer(str(tmp_path / "small")), "tatoeba", ["de"], max_examples=20,
+                     seed=0, train_fraction=0.5, verbose=False)
+    assert again.metrics["tatoeba/avg/accuracy"] == pytest.approx(point["tatoeba/avg/accuracy"], abs=1 / 20 + 1e-9)
+    from_point = raysparse.shrink_checkpoint(folder, None, tmp_path / "small-2",
+                                             config=tmp_path / "out" / "points" / f"trial-{trial}.json")
+    assert from_point.subnetwork == sub and from_point.shrunk.total_params == point["params"]
+
+
+@pytest.mark.timeout(120)
+def test_bad_input_fails_in_one_line(tiny_model_dir, tmp_path, capsys):
+    from raysparse.cli import main
+
+    model = tiny(BertModel, BertConfig)
+    plain = save_pruned(model, tmp_path / "plain")
+    with pytest.raises(RaysparseError) as info:
+        raysparse.search_subnetworks(model_dir=str(plain), tracking=False, verbose=False)
+    assert one_line(info).startswith("search-subnetworks.model_dir: ") and "not a Dynamic Sparsification" in str(info.value)
+    with pytest.raises(RaysparseError) as info:
+        raysparse.search_subnetworks(model_dir=str(tmp_path / "nowhere"), tracking=False)
+    assert one_line(info).startswith("search-subnetworks.model_dir: ") and "does not exist" in str(info.value)
+    assert main(["search-subnetworks", str(plain), "--no-tracking"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: search-subnetworks.model_dir:")
+    with pytest.raises(RaysparseError) as info:
+        raysparse.search_subnetworks(model_dir=str(plain), candidates=0)
+    assert one_line(info).startswith("candidates: ")
+    with pytest.raises(RaysparseError) as info:
+        raysparse.search_subnetworks(model_dir=str(plain), objectives=["avg", "speed"])
+    assert one_line(info).startswith("objectives")
+
+    rewire(model, random_scores(model))
+    ds = save_dynamic(model, tmp_path / "ds", grid=[0.0, 0.5])
+    point = tmp_path / "point.json"
+    point.write_text(json.dumps({"heads": [6, 9, 6], "neurons": [40, 40, 40]}))
+    assert main(["shrink", str(ds), "--config", str(point), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: subnetwork.heads[1]: 9, but layer 1 holds 6 heads") \
+        and str(point) in err[0], err
+    for data, expected in [({"heads": [6, 6], "neurons": [40, 40]}, "subnetwork.heads: 2 counts for a 3-layer model"),
+                           ({"heads": [6, 6, 6], "neurons": [40, 0, 40]}, "subnetwork.neurons[1]: 0, but layer 1"),
+                           ({"heads": [6, 6, 6], "neurons": [40, 40]}, "subnetwork.neurons: 2 counts"),
+                           ({"heads": [6, 6, 6], "neurons": [40, 40, 40], "layers": [3]}, "subnetwork.layers: "),
+                           ({"heads": [6, 6, 6], "neurons": [40, 40, 40], "depth": 2}, "subnetwork.depth: unknown key"),
+                           ({"heads": "6", "neurons": [40, 40, 40]}, "subnetwork.heads: expected a list of integers")]:
+        point.write_text(json.dumps(data))
+        with pytest.raises(RaysparseError) as info:
+            raysparse.shrink_checkpoint(ds, None, tmp_path / "o", config=point)
+        assert one_line(info).startswith(expected) and str(info.value).endswith(f"(in {point})"), str(info.value)
+    point.write_text("{not json")
+    assert main(["shrink", str(ds), "--config", str(point), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: shrink.config: {point} is not valid JSON")
+    for argv, expected in [(["--sparsity", "0.3", "--config", str(point)], "error: shrink: expected --sparsity"),
+                           (["--sparsity", "0.3", "--trial", "2"], "error: shrink.trial: --trial picks"),
+                           (["--config", str(tmp_path / "missing.json")], "error: shrink.config: ")]:
+        assert main(["shrink", str(ds), *argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(expected), err
+    search_file = tmp_path / "subnetworks.json"
+    search_file.write_text(json.dumps({"candidates": [{"trial": 0, "subnetwork": {"heads": [1, 1, 1],
+                                                                                   "neurons": [1, 1, 1]}}]}))
+    with pytest.raises(RaysparseError, match=r"^shrink.trial: no trial 5 in .* \(its trials: 0..0\)$"):
+        read_subnetwork(search_file, 5)
+    with pytest.raises(RaysparseError, match="name one with --trial N"):
+        read_subnetwork(search_file)
+    assert read_subnetwork(search_file, 0) == Subnetwork([1, 1, 1], [1, 1, 1])
+    small = shrink_subnetwork(load_dynamic(ds), Subnetwork([2, 2, 2], [5, 5, 5], layers=[0, 1]))
+    with pytest.raises(RaysparseError, match="cannot grow"):
+        subnetwork_mask(small, Subnetwork([2, 2, 2], [5, 5, 5]))
+
+
+BAD_SPECS = [
+    ({"dynamic": {"drop_layers_max": 1}}, "dynamic.drop_layers_max: layers are dropped only with dynamic.sampling: "
+                                          "per-layer"),
+    ({"dynamic": {"sampling": "random"}}, "dynamic.sampling: "),
+    ({"dynamic": {"sampling": "per-layer", "drop_layers_max": -1}}, "dynamic.drop_layers_max: "),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("data,expected", BAD_SPECS)
+def test_bad_sampling_settings_fail_in_one_line(data, expected):
+    with pytest.raises(RaysparseError) as info:
+        parse(RunSpec, {"pruning": {"schedule": "dynamic"}, **data})
+    assert one_line(info).startswith(expected), str(info.value)
+    assert parse(RunSpec, {"dynamic": {"sampling": "per-layer", "drop_layers_max": 2}}).dynamic.drop_layers_max == 2
+
+
+@pytest.mark.timeout(120)
+def test_dropping_every_layer_is_refused_before_training(tiny_model_dir, tmp_path):
+    from raysparse.runner import run_in_process
+
+    with pytest.raises(RaysparseError) as info:
+        run_in_process(ds_spec(tiny_model_dir, tmp_path, sampling="per-layer", drop_layers_max=2))
+    assert one_line(info) == "dynamic.drop_layers_max: 2 would leave no layer of this 2-layer model (expected at most 1)"
