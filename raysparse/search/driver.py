@@ -44,7 +44,7 @@ class SearchResult:
         return format_table(self.front, self.columns)
 
     def language_table(self, task: str) -> str:
-        """Quality per language of every finished trial (the task's first metric)."""
+        """Quality per language of every finished trial of ``task`` (its first metric)."""
         keys = sorted({k.key for k in task_keys([k for r in self.rows for k in r], task)})
         if not keys:
             return "(no per-language metrics)"
@@ -53,8 +53,13 @@ class SearchResult:
         columns = ["trial", "algorithm", "setting", *languages, *AGGREGATES]
         rows = [{"trial": r["trial"], "algorithm": r.get("algorithm"), "setting": r.get("setting"),
                  **{c: r.get(metric_key(task, c, metric)) for c in [*languages, *AGGREGATES]}}
-                for r in self.rows if r["status"] == "done"]
-        return format_table(rows, columns)
+                for r in self.rows if r["status"] == "done" and r.get("data.task", task) == task]
+        return f"per language ({task} {metric}):\n" + format_table(rows, columns)
+
+    def language_tables(self, default_task: str) -> str:
+        """:meth:`language_table` of every task the trials ran (a grid study may hold several)."""
+        tasks = list(dict.fromkeys(r.get("data.task") or default_task for r in self.rows)) or [default_task]
+        return "\n\n".join(self.language_table(task) for task in tasks)
 
 
 def objective_aware(optuna_search: type) -> type:
@@ -227,8 +232,7 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     _log_search(result, base.data.task)
     if verbose:
         print(f"\nall trials ({len(rows)}):\n{result.table()}\n\nPareto front ({len(front)}):\n{result.pareto_table()}")
-        print(f"\nper language ({metrics[0].split('/')[-1] if '/' in metrics[0] else metrics[0]}):\n"
-              f"{result.language_table(base.data.task)}")
+        print(f"\n{result.language_tables(base.data.task)}")
         print(f"\nOpen the trials in the MLflow UI: {runs_table_url(tracking_uri, spec.tracking.experiment)}"
               "   (or run: raysparse ui)")
     return result
