@@ -386,7 +386,7 @@ def write_report(report: SearchReport, out_dir: str | Path) -> dict[str, Path]:
     written["languages"] = out / "per_language.txt"
     written["languages"].write_text(report.per_language_table() + "\n")
     written["csv"] = out / "trials.csv"
-    keys = sorted({k for r in report.rows for k in r} - {EXAMPLES})   # the statistics stay in runs.json
+    keys = sorted({k for r in report.rows for k in r} - {EXAMPLES, CURVE})   # statistics and curves stay in runs.json
     with open(written["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
