@@ -110,7 +110,8 @@ def check_run(spec, result, tracking_server, tmp_path):
                                                                      str(tmp_path / "download"))
     model, tokenizer = raysparse.load_model(local), raysparse.load_tokenizer(local)
     lang = "en" if setting == "shared" else "de"
-    again = evaluate(model, tokenizer, "xnli", [lang], max_examples=30, seed=0, train_fraction=0.5, verbose=False)
+    again = evaluate(model, tokenizer, "xnli", [lang], max_examples=30, seed=0, train_fraction=0.5, max_length=48,
+                     verbose=False)   # as the run evaluates: at its data.max_length
     assert again.metrics[f"xnli/{lang}/accuracy"] == pytest.approx(metrics[f"xnli/{lang}/accuracy"], abs=1e-9)
     # Accuracy of a near-chance model says little: the logged model must compute the logits the run's
     # own final model (its last Ray Train checkpoint) computes under that mask, as evaluation applied it.

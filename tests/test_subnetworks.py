@@ -136,7 +136,7 @@ def test_a_per_layer_run_trains_and_records_its_sampling(per_layer_checkpoint):
     info = json.loads((folder / "raysparse.json").read_text())["extra"]
     assert info["dynamic"]["sampling"] == "per-layer" and info["dynamic"]["drop_layers_max"] == 1
     assert info["evaluation"] == {"languages": ["de"], "seed": 0, "train_fraction": 0.5, "max_examples": 20,
-                                  "skip_examples": 0}
+                                  "skip_examples": 0, "max_length": 24, "stride": 64}
     for level in ("0", "0.3", "0.6"):
         assert 0.0 <= pipeline.state.metrics[f"level/{level}/tatoeba/avg/accuracy"] <= 1.0
 

@@ -244,7 +244,9 @@ def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose:
             result = evaluate(model, tokenizer, task, languages, data_dir=spec.data_dir,
                               max_examples=evaluation["max_examples"], skip_examples=evaluation["skip_examples"],
                               batch_size=spec.eval_batch_size, seed=evaluation["seed"],
-                              train_fraction=evaluation["train_fraction"], max_length=spec.max_length, verbose=False)
+                              train_fraction=evaluation["train_fraction"],
+                              max_length=spec.max_length or recorded.get("max_length"),
+                              stride=int(recorded.get("stride") or 128), verbose=False)
         row = {k: v for k, v in result.metrics.items() if k.startswith(f"{task.name}/")}
         heads, neurons = sub.counts()
         row.update({"layers": len(heads), "heads": sum(heads), "neurons": sum(neurons),

@@ -47,7 +47,7 @@ from raysparse.structure.subnetwork import Subnetwork, subnetwork_slices
 from raysparse.training.finalize import stage_costs
 from raysparse.training.loop import Every, Progress
 from raysparse.training.state import STAGES
-from raysparse.training.worker import SHARED, Run
+from raysparse.training.worker import SHARED, Run, evaluation_options
 
 
 def level_key(level: float) -> str:
@@ -316,11 +316,9 @@ class DynamicRun(Run):
             self.model.eval()
             for level in dyn.grid:
                 mask = prefix_mask(self.model, level, dyn.match_sparsity)
-                result = evaluate(self.model, self.tokenizer, self.task.name, languages, data_dir=spec.data.dir,
-                                  max_examples=spec.data.max_eval_examples, skip_examples=spec.data.skip_eval_examples,
-                                  seed=spec.seed, train_fraction=spec.data.train_fraction,
-                                  masks={lang: mask for lang in languages},
-                                  verbose=False)
+                result = evaluate(self.model, self.tokenizer, self.task.name, languages,
+                                  masks={lang: mask for lang in languages}, verbose=False,
+                                  **evaluation_options(spec))
                 self.state.metrics.update({f"level/{level_key(level)}/{k}": v for k, v in result.metrics.items()})
                 self.log.metrics({f"curve/{k}": v for k, v in result.metrics.items()}, step=level_step(level))
                 if level == headline:
@@ -348,7 +346,8 @@ def checkpoint_extra(spec, task: str, languages: list[str]) -> dict:
     return {"task": task, "run": spec.name,
             "evaluation": {"languages": list(languages), "seed": spec.seed, "train_fraction": spec.data.train_fraction,
                            "max_examples": spec.data.max_eval_examples,
-                           "skip_examples": spec.data.skip_eval_examples}}
+                           "skip_examples": spec.data.skip_eval_examples, "max_length": spec.data.max_length,
+                           "stride": spec.data.doc_stride}}
 
 
 def finalize_curve(run: DynamicRun) -> dict:

@@ -670,15 +670,13 @@ class Run:
         """Scores on the reported rows, or (``development``) on the curve's rows after them."""
         from raysparse.training.evaluate import evaluate
 
-        spec = self.spec
-        skip, count = spec.data.skip_eval_examples, spec.data.max_eval_examples
+        spec, options = self.spec, evaluation_options(self.spec)
         if development:
-            skip, count = skip + (count or 0), spec.finetune.curve_examples
+            options["skip_examples"] += spec.data.max_eval_examples or 0
+            options["max_examples"] = spec.finetune.curve_examples
         self.model.eval()
-        return evaluate(self.model, self.tokenizer, self.task.name, self.languages["evaluation"],
-                        data_dir=spec.data.dir, max_examples=count, skip_examples=skip, seed=spec.seed,
-                        train_fraction=spec.data.train_fraction, masks=masks, verbose=not development,
-                        max_length=spec.data.max_length, stride=spec.data.doc_stride)
+        return evaluate(self.model, self.tokenizer, self.task.name, self.languages["evaluation"], masks=masks,
+                        verbose=not development, **options)
 
     def _masks_per_language(self) -> dict:
         """Each evaluation language's mask (the shared one for all, or its own)."""
@@ -724,6 +722,14 @@ class Run:
             stages[self.state.stage]()
         if not self.reported:   # restored a finished run: report its result once more
             self.report(checkpoint=True)
+
+def evaluation_options(spec: RunSpec) -> dict:
+    """How a run scores its model (``evaluate``'s options): its held-out rows, at its sequence length."""
+    return {"data_dir": spec.data.dir, "max_examples": spec.data.max_eval_examples,
+            "skip_examples": spec.data.skip_eval_examples, "seed": spec.seed,
+            "train_fraction": spec.data.train_fraction, "max_length": spec.data.max_length,
+            "stride": spec.data.doc_stride}
+
 
 def build_algorithm(spec: RunSpec):
     """The spec's algorithm with its typed options (the run's seed and target sparsity where it takes them)."""
