@@ -74,7 +74,9 @@ def test_the_studies_ask_the_papers_questions():
         at.setdefault((trial["data.task"], trial["pruning.algorithm"]), set()).add(trial["pruning.sparsity"])
     assert len({frozenset(s) for s in at.values()}) == 1, "every algorithm at the same sparsities on every task"
     assert len(next(iter(at.values()))) >= 3
-    assert len({t["seed"] for t in algorithms.trials if t["pruning.algorithm"] == "random"}) >= 3
+    randoms = [t for t in algorithms.trials if t["pruning.algorithm"] == "random"]
+    assert len({t["pruning.options.seed"] for t in randoms}) >= 3, "three random masks"
+    assert {t.get("seed", 0) for t in algorithms.trials} == {0}, "one run seed: one cached fine-tuned model per task"
     learners = [t for t in algorithms.trials if t["pruning.algorithm"] in ("l0", "movement")]
     assert all(t["pruning.learning_steps"] for t in learners), "L0 and movement start from the cached fine-tune"
 
