@@ -40,6 +40,7 @@ from raysparse.data.metrics import accuracy, aggregate, squad_scores, tagging_sc
 from raysparse.data.regimes import REGIMES, evaluation_data, training_data
 from raysparse.data.tasks import Task, get_task
 from raysparse.errors import RaysparseError
+from raysparse.training.evaluate import evaluated_rows
 
 NO_ENTITY = "O"
 
@@ -90,25 +91,10 @@ def trivial_baseline(task: str | Task, languages: Sequence[str] | str | None = N
     per_language: dict[str, dict[str, float]] = {}
     examples: dict[str, int] = {}
     for language, data in evaluation_data(task, languages, seed, train_fraction, data_dir).items():
-        rows = _evaluated_rows(data.rows, task, language, max_examples, skip_examples)
+        rows = evaluated_rows(data.rows, task, language, max_examples, skip_examples)
         examples[language] = len(rows)
         per_language[language] = predict(rows)
     return TrivialBaseline(task.name, predictor, aggregate(per_language, task.name), per_language, examples)
-
-
-def _evaluated_rows(rows: Dataset, task: Task, language: str, max_examples: int | None,
-                    skip_examples: int) -> Dataset:
-    """``evaluate``'s row selection: skip ``skip_examples`` rows, then at most ``max_examples``.
-
-    A copy of the lines inside ``raysparse.training.evaluate.evaluate`` (which keeps them inline); keep both alike.
-    """
-    if skip_examples or (max_examples is not None and len(rows) > max_examples):
-        end = len(rows) if max_examples is None else min(len(rows), skip_examples + max_examples)
-        if skip_examples >= end:
-            raise RaysparseError(f"evaluate.skip_examples: {skip_examples} leaves no rows of "
-                                 f"{task.name} {language} (it has {len(rows)})")
-        rows = rows.select(range(skip_examples, end))
-    return rows
 
 
 def _predictor(task: Task, languages: Sequence[str], regime: str, seed: int, train_fraction: float, data_dir):

@@ -217,14 +217,8 @@ def evaluate(
     try:
         for language, language_data in data.items():
             started = time.time()
-            rows = language_data.rows
-            available[language] = len(rows)
-            if skip_examples or (max_examples is not None and len(rows) > max_examples):
-                end = len(rows) if max_examples is None else min(len(rows), skip_examples + max_examples)
-                if skip_examples >= end:
-                    raise RaysparseError(f"evaluate.skip_examples: {skip_examples} leaves no rows of "
-                                         f"{task.name} {language} (it has {len(rows)})")
-                rows = rows.select(range(skip_examples, end))
+            available[language] = len(language_data.rows)
+            rows = evaluated_rows(language_data.rows, task, language, max_examples, skip_examples)
             examples[language] = len(rows)
             mask = masks.get(language)
             masked = apply_mask(model, mask) if mask is not None else contextlib.nullcontext()
@@ -250,6 +244,18 @@ def evaluate(
                             [language for language in data if language in masks],
                             {language: compact(values, digits=None) for language, values in stats.items()},
                             skip_examples)
+
+
+def evaluated_rows(rows: Dataset, task: Task, language: str, max_examples: int | None,
+                   skip_examples: int) -> Dataset:
+    """The rows of a language that are scored: ``skip_examples`` rows skipped, then at most ``max_examples``."""
+    if skip_examples or (max_examples is not None and len(rows) > max_examples):
+        end = len(rows) if max_examples is None else min(len(rows), skip_examples + max_examples)
+        if skip_examples >= end:
+            raise RaysparseError(f"evaluate.skip_examples: {skip_examples} leaves no rows of "
+                                 f"{task.name} {language} (it has {len(rows)})")
+        rows = rows.select(range(skip_examples, end))
+    return rows
 
 
 def evaluate_model(source: str, task: str | Task, languages: Sequence[str] | None = None, *,
