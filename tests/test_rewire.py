@@ -32,6 +32,15 @@ def random_scores(model, seed=0):
     return UnitScores(torch.rand(num_layers, num_heads, generator=g), torch.rand(num_layers, ffn, generator=g))
 
 
+def forward_backward(model, batch, context):
+    """Outputs and gradients of one forward and backward pass inside ``context`` (gates or slices)."""
+    model.zero_grad(set_to_none=True)
+    with context:
+        out = model(**batch).last_hidden_state
+    out.pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def inputs(vocab=120, seed=1, length=11):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (3, length), generator=g)
@@ -190,15 +199,8 @@ def test_a_prefix_level_trains_at_its_own_size_with_the_gated_gradients(model_cl
     counts = prefix_lengths(heads), prefix_lengths(neurons)
     assert None not in counts and bool(layers.all())
 
-    def forward_backward(context):
-        model.zero_grad(set_to_none=True)
-        with context:
-            out = model(**batch).last_hidden_state
-        out.pow(2).mean().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    gated_out, gated_grads = forward_backward(attach_gates(model, UnitGates(heads, neurons, layers)))
-    sliced_out, sliced_grads = forward_backward(prefix_slices(model, *counts))
+    gated_out, gated_grads = forward_backward(model, batch, attach_gates(model, UnitGates(heads, neurons, layers)))
+    sliced_out, sliced_grads = forward_backward(model, batch, prefix_slices(model, *counts))
     torch.testing.assert_close(sliced_out, gated_out, atol=1e-5, rtol=1e-4)
     assert sorted(sliced_grads) == sorted(gated_grads)
     for name, grad in gated_grads.items():

@@ -15,7 +15,7 @@ from raysparse.structure import (Encoder, Subnetwork, apply_mask, load_dynamic, 
                                  save_pruned, shrink_subnetwork, structure_of, subnetwork_mask, subnetwork_slices)
 from raysparse.structure.subnetwork import Costs, read_subnetwork
 from raysparse.training.dynamic import sample_levels, sample_subnetworks
-from tests.test_rewire import FAMILIES, hidden, inputs, random_scores, tiny
+from tests.test_rewire import FAMILIES, forward_backward, hidden, inputs, random_scores, tiny
 
 def one_line(info) -> str:
     message = str(info.value)
@@ -89,15 +89,8 @@ def test_a_sliced_subnetwork_trains_the_shared_weights_as_gates_would():
     rewire(model, random_scores(model))
     sub = Subnetwork([2, 6, 3], [11, 4, 40], layers=[0, 1])
 
-    def forward_backward(context):
-        model.zero_grad(set_to_none=True)
-        with context:
-            out = model(**batch).last_hidden_state
-        out.pow(2).mean().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    gated_out, gated = forward_backward(attach_gates(model, UnitGates(*mask_rows_for(model, subnetwork_mask(model, sub)))))
-    sliced_out, sliced = forward_backward(subnetwork_slices(model, sub))
+    gated_out, gated = forward_backward(model, batch, attach_gates(model, UnitGates(*mask_rows_for(model, subnetwork_mask(model, sub)))))
+    sliced_out, sliced = forward_backward(model, batch, subnetwork_slices(model, sub))
     torch.testing.assert_close(sliced_out, gated_out, atol=1e-5, rtol=1e-4)
     assert not any(name.startswith("encoder.layer.2.") for name in sliced), "a dropped layer is skipped"
     for name, grad in sliced.items():
