@@ -91,6 +91,7 @@ def cmd_search_subnetworks(args) -> None:
     fields = {"model_dir": args.model, "task": args.task, "languages": _languages(args.languages),
               "data_dir": args.data_dir, "candidates": args.candidates, "sampler": args.sampler,
               "population": args.population, "seed": args.seed, "uniform_levels": not args.no_uniform_levels,
+              "spread_start": not args.no_spread_start,
               "max_sparsity": args.max_sparsity, "drop_layers": args.drop_layers, "max_examples": args.max_examples,
               "skip_examples": args.skip_examples, "latency": args.latency, "batch_size": args.batch_size,
               "sequence_length": args.seq_len, "threads": args.threads, "latency_table": args.latency_table,
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-layers", type=int, default=None,
                    help="layers a candidate may drop (default: the checkpoint's dynamic.drop_layers_max)")
     p.add_argument("--no-uniform-levels", action="store_true", help="do not score the checkpoint's grid levels first")
+    p.add_argument("--no-spread-start", action="store_true",
+                   help="start from the sampler's own random draws, not candidates spread over the latency range")
     p.add_argument("--latency", default=None, choices=["predicted", "measured"],
                    help="predicted by the per-layer latency table (default, fast) or timed per candidate")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of the latency objective (default 1)")

@@ -7,6 +7,7 @@ the tiny model is mostly Python overhead: dense and fully pruned differ by 1.7x 
 import copy
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,10 @@ def test_predictions_are_positive_and_fall_with_the_units_kept(table, tiny):
     assert table.predict(dropped) == pytest.approx(table.dense_ms() - table.layer_latency(4, 64))
     with pytest.raises(RaysparseError, match="latency table"):
         table.predict(([5, 4], [64, 64]))
+    # calibrated on the dense model timed in the same rounds: every layer cost scaled alike
+    assert "dense" in table.measured_ms and table.layer_scale > 0
+    assert table.layer_latency(2, 32) == pytest.approx(table.layer_scale * (
+        table.layer_ms + table.attention_ms[2] + float(np.interp(32, table.neurons, table.ffn_ms))))
 
 
 def test_a_table_saves_loads_and_is_measured_once_per_environment(table, tiny, tmp_path, monkeypatch):

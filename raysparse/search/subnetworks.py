@@ -59,6 +59,7 @@ class SubnetworkSearchSpec(Strict):
     objectives: list[Literal["avg", "worst", "latency", "params", "bytes", "flops"]] = Field(
         default_factory=lambda: ["avg", "worst", "latency"], min_length=1)
     uniform_levels: bool = True                 # score the checkpoint's grid levels first, as fixed trials
+    spread_start: bool = True                   # the rest of the first generation spans the latency range (spread_start)
     max_sparsity: float | None = Field(None, ge=0, lt=1)   # fewest units per layer: ceil((1-s)N); default: the grid's top
     drop_layers: int | None = Field(None, ge=0)  # layers a candidate may drop (default: the checkpoint's drop_layers_max)
     # held-out rows scored per candidate; None: as the checkpoint's run evaluated (seed, split, rows; 100 rows
@@ -178,6 +179,36 @@ def _suggest(trial, shape: tuple[int, int, int], low_heads: int, low_neurons: in
     return Subnetwork(heads, neurons, [i for i in range(num_layers) if i not in dropped])
 
 
+SPREAD = 0.25   # how far a start candidate's layers stray from its width (a fraction of the range)
+
+
+def spread_start(shape: tuple[int, int, int], low_heads: int, low_neurons: int, count: int, seed: int = 0) -> list:
+    """``count`` sub-networks for the search's first generation, spread over the whole latency range.
+
+    Independent per-layer draws average out: 24 uniform widths land near the middle of the range
+    almost always, so a search started from them never sees the cheap end (nor the costly one) and
+    its front cannot reach the sparse uniform levels. Candidate ``k`` here takes a width ``t``
+    stratified over [0, 1] (0: the fewest units, 1: all of them) and every layer a width near it
+    (``t`` plus a normal deviation of ``SPREAD``, clipped): non-uniform, at every cost.
+    """
+    import numpy as np
+
+    from raysparse.structure import Subnetwork
+
+    num_layers, num_heads, ffn = shape
+    rng = np.random.default_rng([seed, 17])
+    subs = []
+    for k in range(count):
+        width = (k + rng.random()) / count
+
+        def counts(low: int, high: int) -> list[int]:
+            fractions = np.clip(width + rng.normal(0.0, SPREAD, num_layers), 0.0, 1.0)
+            return [int(round(low + f * (high - low))) for f in fractions]
+
+        subs.append(Subnetwork(counts(low_heads, num_heads), counts(low_neurons, ffn), list(range(num_layers))))
+    return subs
+
+
 def _fixed_params(sub, drop: int) -> dict:
     params = {**{f"heads_{i}": h for i, h in enumerate(sub.heads)}, **{f"neurons_{i}": n for i, n in enumerate(sub.neurons)}}
     if drop:
@@ -264,7 +295,10 @@ def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose:
                                            num_samples=spec.candidates), multi=len(objectives) > 1)
     study = optuna.create_study(directions=["maximize" if mode == "max" else "minimize" for _, mode in objectives],
                                 sampler=sampler)
-    for _, sub in levels[:spec.candidates]:
+    starts = [sub for _, sub in levels]
+    if spec.spread_start:
+        starts += spread_start(shape, low_heads, low_neurons, max(0, population - len(levels)), spec.seed)
+    for sub in starts[:spec.candidates]:
         study.enqueue_trial(_fixed_params(sub, drop))
     uniform = {sub.key(): level for level, sub in levels}
     seen: dict[str, dict] = {}
@@ -283,7 +317,7 @@ def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose:
         seen.setdefault(sub.key(), values)
         study.tell(trial, [values[key] for key, _ in objectives])
         attrs = study._storage.get_trial(trial._trial_id).system_attrs
-        suggested = ("uniform" if sub.key() in uniform else "fixed") if "fixed_params" in attrs \
+        suggested = ("uniform" if sub.key() in uniform else "spread") if "fixed_params" in attrs \
             else attrs.get(SUGGESTED_BY, "random")
         row = {"trial": number, "suggested_by": suggested, "uniform_level": uniform.get(sub.key()),
                "repeat": repeat, **values, "subnetwork": sub.to_dict()}
