@@ -144,3 +144,47 @@ def test_entrypoint_check_refuses_unknown_commands_and_bad_specs(tmp_path):
     assert check_entrypoint("raysparse run experiments/specs/tiny-xnli.yaml --set recovery.steps=2", REPO)[0] == "run"
     with pytest.raises(RaysparseError, match="recovery.steps"):      # overrides are checked as the job applies them
         check_entrypoint("raysparse run experiments/specs/tiny-xnli.yaml --set recovery.steps=-1", REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_cluster_command_keeps_its_nodes_up_until_ctrl_c(tmp_path):
+    """`raysparse cluster FILE` starts the nodes FILE defines, prints the addresses a driver and a job client
+    use, keeps the nodes up, and on Ctrl-C stops them all and removes its temp dir, exiting 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from raysparse.cluster import _alive_node_names
+
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(yaml.safe_dump({"port": None, "dashboard_port": None, "head": {"num_cpus": 1},
+                                    "workers": [{"num_cpus": 1}]}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen([sys.executable, "-m", "raysparse.cli", "cluster", str(spec)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        lines = []
+        while not lines or lines[-1] != "Ctrl-C stops it.":
+            line = process.stdout.readline()
+            assert line, "".join(lines)               # it exited before the cluster was up
+            lines.append(line.strip())
+        printed = "\n".join(lines)
+        address = re.search(r"address\s+(\S+)", printed).group(1)
+        dashboard = re.search(r"dashboard\s+(\S+)", printed).group(1)
+        temp_dir = Path(re.search(r"temp dir (\S+)", printed).group(1))
+        assert "Ray cluster up: 2 nodes, 2 CPUs" in printed and f"--address {dashboard}" in printed
+        assert _alive_node_names(address) == {f"rs-{process.pid}-head", f"rs-{process.pid}-worker-1"}
+        with pytest.raises(urllib.error.HTTPError) as refused:     # the jobs API answers, and wants the token
+            urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=30)
+        assert refused.value.code == 401 and temp_dir.is_dir()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, process.stdout.read()
+        assert not temp_dir.exists()
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=120)
