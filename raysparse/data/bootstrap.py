@@ -85,7 +85,8 @@ def point_estimates(form: str, stats: Stats) -> dict[str, float]:
     """The metric of every language on its full sample, plus ``avg`` and ``worst`` over languages."""
     values = {lang: float(metric_from_sums(form, _matrix(s).sum(axis=0), len(s)))
               for lang, s in stats.items() if len(s)}
-    return {**values, AVG: float(np.mean(list(values.values()))), WORST: float(min(values.values()))}
+    ordered = [values[lang] for lang in sorted(values)]   # one summation order, however the stats were keyed
+    return {**values, AVG: float(np.mean(ordered)), WORST: float(min(ordered))}
 
 
 def _draw_counts(n: int, resamples: int, rng: np.random.Generator):
@@ -113,7 +114,9 @@ def resample(form: str, stats: Stats, resamples: int = RESAMPLES, seed: int = SE
                                         for counts in _draw_counts(len(matrix), resamples, rng)])
     if not out:
         raise RaysparseError("bootstrap: no examples to resample (expected at least one language with examples)")
-    languages = np.stack(list(out.values()))
+    # sorted: the average's last bit must not depend on the order the languages came in (a run set read
+    # back from JSON has its keys sorted; rows from MLflow keep the run's order)
+    languages = np.stack([out[lang] for lang in sorted(out)])
     out[AVG], out[WORST] = languages.mean(axis=0), languages.min(axis=0)
     return out
 
