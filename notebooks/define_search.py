@@ -72,3 +72,4 @@ print(result.table())
 print(result.pareto_table())
 assert result.front, "a finished search has a non-empty Pareto front"
 print(f"MLflow parent run: {result.tracking_uri}/#/experiments  run {result.parent_run_id}")
+print(f"Trials in the MLflow UI (objectives as columns): {result.ui_url()}")

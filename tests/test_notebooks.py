@@ -141,3 +141,57 @@ def test_mlflow_ui_compare_view_shows_per_language_metrics(notebook_search, trac
     assert all(f"xnli/{key}/accuracy" in content for key in ("de", "en", "avg"))
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
+
+
+@pytest.mark.timeout(900)
+def test_printed_link_opens_the_trials_table_with_the_objectives(notebook_search, tracking_server):
+    """The link a search prints lands on the runs table of its trials (not MLflow's GenAI overview), each
+    objective a column with the trials' values, in a first visit's browser where nothing was picked."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    printed = outputs(notebook_search / "define_search.out.ipynb")
+    match = re.search(r"Trials in the MLflow UI \(objectives as columns\): (\S+)", printed)
+    assert match, "the notebook prints the link to its trials"
+    url = match[1]
+    assert url.startswith(f"{tracking_server}/#/experiments/") and "/runs?" in url
+    children = _children(tracking_server)
+    assert len(children) == 2
+    values = {key: [float({m["key"]: m["value"] for m in c["data"]["metrics"]}[key]) for c in children]
+              for key in OBJECTIVES}
+    SCREENSHOTS.mkdir(exist_ok=True)
+    shot = SCREENSHOTS / "mlflow_trials_runs_table.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1920, "height": 1080})
+        page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+        for child in children:
+            page.get_by_text(child["info"]["run_name"]).first.wait_for(timeout=90_000)
+        table = page.locator(".ag-root").first.bounding_box()
+        shown, cells = {}, {}
+        for key in OBJECTIVES:
+            header = page.locator(f'.ag-header-cell[col-id="metrics.`{key}`"]')
+            header.wait_for(timeout=30_000)
+            box = header.bounding_box()
+            # in the table's visible part, not scrolled off to its right
+            shown[key] = (header.inner_text().strip(), box["x"] + box["width"] <= table["x"] + table["width"])
+            cells[key] = page.locator(f'.ag-center-cols-container .ag-cell[col-id="metrics.`{key}`"]').all_inner_texts()
+        rows = page.locator(".ag-center-cols-container .ag-row").count()
+        landed = page.url
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    print(f"screenshot: {shot}")
+    assert "/runs" in landed and "workflowType=machine_learning" in landed, landed
+    assert rows == 2, "the table holds the search's two trials (the parent run filtered out)"
+    for key in OBJECTIVES:
+        assert shown[key] == (key, True), (key, shown[key])
+        assert len(cells[key]) == 2 and all(cells[key]), (key, cells[key])
+        for text in cells[key]:
+            assert any(float(text) == pytest.approx(v, rel=1e-3) for v in values[key]), (key, text, values[key])
+    first = [float(t) for t in cells[OBJECTIVES[0]]]
+    assert first == sorted(first, reverse=True), "sorted by the first objective, best first"
+    assert shot.stat().st_size > 10_000

@@ -1,5 +1,6 @@
 """Runs on Ray Train end to end: real local Ray (2 workers), real MLflow server, real data."""
 
+import contextlib
 import json
 import os
 import re
@@ -18,10 +19,14 @@ import torch
 
 import raysparse
 from raysparse.data.load import load_split
-from raysparse.runner import run
+from raysparse.errors import RaysparseError
+from raysparse.runner import as_spec, preflight, run
 from raysparse.structure import apply_mask
 from raysparse.tracking.runs import RUN_KEY_TAG, spec_key
 from raysparse.training.evaluate import evaluate
+from raysparse.training.pipeline import build_pipeline
+from raysparse.training.session import LocalSession
+from raysparse.training.state import STAGES
 
 LANGS = ["en", "de", "ru"]
 
@@ -41,6 +46,22 @@ def tiny_spec(name, tracking_uri, storage, **pruning):
     }
 
 
+def tiny_model_spec(name, model_dir, tracking_uri=None, storage=None, **sections):
+    """A run of the tiny random encoder on a few XNLI rows (English and German), one worker, no latency
+    timing and no logged model; ``sections`` update the spec's sections (``finetune={"steps": 40}``)."""
+    spec = {"name": name, "model": {"source": str(model_dir)},
+            "data": {"task": "xnli", "languages": ["en", "de"], "max_train_examples": 16, "max_eval_examples": 8,
+                     "max_length": 32},
+            "finetune": {"steps": 4, "batch_size": 4, "cache": False},
+            "pruning": {"scoring_examples": 8}, "recovery": {"steps": 2}, "efficiency": {"latency": False},
+            "resources": {"num_workers": 1},
+            "tracking": {"uri": tracking_uri, "experiment": "test-runs", "log_models": "none"},
+            "storage": str(storage) if storage else None}
+    for section, values in sections.items():
+        spec[section] = {**spec[section], **values}
+    return spec
+
+
 def rest(uri, path, payload=None):
     """Ask the MLflow server directly over its REST API."""
     if payload is None:
@@ -58,6 +79,17 @@ def runs_with_key(uri, key):
     found = rest(uri, "/api/2.0/mlflow/runs/search",
                  {"experiment_ids": ids, "filter": f"tags.`{RUN_KEY_TAG}` = '{key}'", "max_results": 10})
     return found.get("runs", [])
+
+
+def assert_one_entry_per_step(uri, mlflow_run):
+    """Every metric of the run has at most one entry per step in its history (a resumed run repeats the
+    steps after its checkpoint; they must not be logged twice). Returns the run's metrics."""
+    run_id, metrics = mlflow_run["info"]["run_id"], {m["key"]: m["value"] for m in mlflow_run["data"]["metrics"]}
+    for key in metrics:
+        query = urllib.parse.urlencode({"run_id": run_id, "metric_key": key})
+        steps = [m.get("step", 0) for m in rest(uri, f"/api/2.0/mlflow/metrics/get-history?{query}")["metrics"]]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {sorted(steps)}"
+    return metrics
 
 
 def artifact_paths(uri, run_id, path=""):
@@ -142,14 +174,31 @@ def restore_final(spec, result, folder):
     return final
 
 
-def _registered_checkpoints(storage: Path) -> int:
-    """Checkpoints Ray Train has registered (not merely started writing)."""
+def _snapshot(storage: Path) -> dict:
+    """Ray Train's record of the checkpoints it has registered (not merely started writing)."""
     for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
         try:
-            return len(json.loads(snapshot.read_text()).get("checkpoint_results", []))
+            return json.loads(snapshot.read_text())
         except (json.JSONDecodeError, OSError):
-            return 0
-    return 0
+            return {}
+    return {}
+
+
+def _registered_checkpoints(storage: Path) -> int:
+    return len(_snapshot(storage).get("checkpoint_results", []))
+
+
+def _latest_checkpoint(storage: Path) -> tuple[int, int]:
+    """(stage index, step in the stage) of the newest registered checkpoint: where a restart continues."""
+    metrics = _snapshot(storage)["latest_checkpoint_result"]["metrics"]
+    return int(metrics["stage_index"]), int(metrics["stage_step"])
+
+
+def _resumed_at(output: str) -> tuple[int, int]:
+    """(stage index, step) of the worker's ``[resume]`` line in the driver's output."""
+    found = re.findall(r"\[resume\] continuing at stage (\w+), step (\d+)", output)
+    assert len(found) == 1, f"expected one resume, found {found}"
+    return STAGES.index(found[0][0]), int(found[0][1])
 
 
 def _worker_pids():
@@ -159,9 +208,22 @@ def _worker_pids():
                                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
+def _one_worker_after_a_checkpoint(storage: Path) -> int:
+    """The pid of the run's one Ray Train worker, once a checkpoint of the run is registered."""
+    deadline = time.time() + 300
+    pids = []
+    while time.time() < deadline and not (pids and _registered_checkpoints(storage)):
+        pids = pids or _worker_pids()
+        time.sleep(0.1)
+    assert len(pids) == 1 and _registered_checkpoints(storage), f"no checkpoint (workers: {pids})"
+    return pids[0]
+
+
 @pytest.mark.timeout(900)
-def test_shared_run_survives_a_killed_worker(ray_local, tracking_server, tmp_path, embedded_dir):
-    """Shared one-shot run end to end; one Ray Train worker is killed during fine-tuning."""
+def test_shared_run_survives_a_killed_worker(ray_local, tracking_server, tmp_path, embedded_dir, capsys):
+    """Shared one-shot run end to end; one Ray Train worker is killed during fine-tuning. The worker group
+    restarts from a checkpoint at least as late as the newest one registered before the kill (a
+    checkpoint step, not the start of the stage), and the steps it repeats are not logged twice."""
     spec = tiny_spec("fault-kill-worker", tracking_server, tmp_path / "runs")
     spec["finetune"]["steps"] = 12
     outcome = {}
@@ -174,31 +236,165 @@ def test_shared_run_survives_a_killed_worker(ray_local, tracking_server, tmp_pat
     assert _registered_checkpoints(storage), "no checkpoint was registered"
     pids = _worker_pids()
     assert len(pids) == 2
+    before = _latest_checkpoint(storage)
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=800)
     assert "result" in outcome, "the run did not complete after a worker was killed"
     metrics = outcome["result"].metrics
     assert metrics.get("resumes", 0) >= 1, "the run restarted from scratch instead of its checkpoint"
+    stage, step = _resumed_at(capsys.readouterr().out)   # the worker's line, forwarded to this driver
+    assert before <= (stage, step) < (STAGES.index("done"), 0), (before, (stage, step))
+    assert step % spec["resources"]["checkpoint_every"] == 0, step
     key = spec_key(raysparse.runner.as_spec(spec).model_dump())
     runs = runs_with_key(tracking_server, key)
     assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED"
-    logged = {m["key"] for m in runs[0]["data"]["metrics"]}
-    assert {"xnli/avg/accuracy", "encoder_sparsity", "bytes", "resumes"} <= logged
+    logged = assert_one_entry_per_step(tracking_server, runs[0])
+    assert {"xnli/avg/accuracy", "encoder_sparsity", "bytes", "resumes"} <= set(logged)
     check_run(spec, outcome["result"], tracking_server, tmp_path)
+
+
+STAGE_COSTS = [f"cost/{stage}/{kind}" for stage in ("finetune", "prune", "recover", "evaluate")
+               for kind in ("wall_s", "cpu_s")]
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_driver_continues_into_the_same_mlflow_run(ray_local, tracking_server, tmp_path, tiny_model_dir,
+                                                             capsys):
+    """`raysparse run` killed (SIGKILL) after a checkpoint, then the same spec run again (here, in this
+    process: what the command calls): it continues the same MLflow run from the newest checkpoint (its
+    stage and step) and ends it FINISHED, with one entry per step in every metric's history and the cost
+    of every stage; checkpoints leave out the frozen word-embedding table, which the restart reloads
+    from the model source."""
+    storage = tmp_path / "runs"
+    spec = tiny_model_spec("driver-killed", tiny_model_dir, tracking_server, storage, finetune={"steps": 40},
+                           resources={"checkpoint_every": 8})
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(spec))   # JSON is YAML
+    command = [sys.executable, "-m", "raysparse.cli", "run", str(path)]   # RAY_ADDRESS: the session's cluster
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        worker = _one_worker_after_a_checkpoint(storage)
+        os.kill(worker, signal.SIGSTOP)   # it cannot finish the run while its driver dies
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and _worker_pids():   # Ray ends the dead driver's workers
+        time.sleep(0.5)
+    assert not _worker_pids(), "the killed driver's worker is still alive"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker, signal.SIGKILL)   # its process, should Ray not have ended it yet
+    stopped_at = _latest_checkpoint(storage)
+    assert stopped_at < (STAGES.index("done"), 0), "the run ended before its driver was killed"
+    run_id = re.search(r"MLflow \S+ run (\w+);", (tmp_path / "first.log").read_text())[1]
+    assert rest(tracking_server, f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]["info"]["status"] == "RUNNING"
+
+    capsys.readouterr()
+    assert run(spec).run_id == run_id
+    again = capsys.readouterr().out   # the driver's lines and its worker's, forwarded
+    assert f"run driver-killed: resuming; MLflow {tracking_server} run {run_id};" in again, again
+    assert _resumed_at(again) == stopped_at
+    [mlflow_run] = runs_with_key(tracking_server, spec_key(as_spec(spec).model_dump()))
+    assert (mlflow_run["info"]["run_id"], mlflow_run["info"]["status"]) == (run_id, "FINISHED")
+    metrics = assert_one_entry_per_step(tracking_server, mlflow_run)
+    assert metrics["resumes"] == 1 and "xnli/avg/accuracy" in metrics
+    assert all(metrics[key] > 0 for key in STAGE_COSTS), {key: metrics.get(key) for key in STAGE_COSTS}
+
+    from safetensors import safe_open
+
+    checkpoints = sorted(storage.glob("driver-killed-*/checkpoint_*/model.safetensors"))
+    assert checkpoints
+    for checkpoint in checkpoints:
+        with safe_open(str(checkpoint), "pt") as weights:
+            names = list(weights.keys())
+        assert any("position_embeddings" in name for name in names), names
+        assert not any("word_embeddings" in name for name in names), names
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_killed_past_max_failures_fails_the_run_and_keeps_its_checkpoints(ray_local, tracking_server,
+                                                                                  tmp_path, tiny_model_dir):
+    """With ``resources.max_failures: 0`` one killed worker is one failure too many: the driver ends with
+    a one-line error that says how to resume, the MLflow run ends FAILED, and the registered checkpoints
+    stay in the storage folder for that rerun."""
+    storage = tmp_path / "runs"
+    spec = tiny_model_spec("worker-killed", tiny_model_dir, tracking_server, storage, finetune={"steps": 40},
+                           resources={"checkpoint_every": 8, "max_failures": 0})
+    outcome = {}
+
+    def execute():
+        try:
+            outcome["result"] = run(spec, verbose=False)
+        except RaysparseError as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=execute, daemon=True)
+    thread.start()
+    os.kill(_one_worker_after_a_checkpoint(storage), signal.SIGKILL)
+    thread.join(timeout=300)
+    assert "error" in outcome, f"the run did not fail: {outcome}"
+    assert "\n" not in outcome["error"] and outcome["error"].startswith("run worker-killed failed: worker 0: "), \
+        outcome["error"]
+    assert outcome["error"].endswith("(rerun the same spec to resume)"), outcome["error"]
+    [mlflow_run] = runs_with_key(tracking_server, spec_key(as_spec(spec).model_dump()))
+    assert mlflow_run["info"]["status"] == "FAILED"
+    snapshot = _snapshot(storage)
+    kept = [result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]]
+    assert kept, snapshot
+    [folder] = storage.glob("worker-killed-*")
+    for name in kept:
+        assert (folder / name / "state.json").is_file() and (folder / name / "model.safetensors").is_file(), name
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("regime,trained", [("zero-shot", ["en"]), ("translate-train", ["de", "en"]),
+                                            ("in-language", ["de"])])
+def test_each_regime_fine_tunes_on_the_rows_it_names(regime, trained, tiny_model_dir):
+    """``data.regime`` decides what fine-tuning reads for German: English (zero-shot), English and German
+    (translate-train) or German alone (in-language), each from the train part of its file (never the
+    rows evaluation scores)."""
+    spec = as_spec(tiny_model_spec(f"regime-{regime}", tiny_model_dir, data={"regime": regime, "languages": ["de"]},
+                                   pruning={"scoring_languages": ["en"]}))   # scoring reads none of German's rows
+    languages = preflight(spec)
+    assert languages["finetune"] == trained
+    pipeline = build_pipeline(spec, languages, LocalSession())
+    pipeline.finetune()
+    assert sorted(pipeline.data.sources) == trained   # the rows it read, and no others
+    for language in trained:
+        assert pipeline.data.sources[language].startswith(f"xnli/dev-{language}.tsv, train part: "), \
+            pipeline.data.sources[language]
+
+
+@pytest.mark.timeout(300)
+def test_scoring_languages_choose_the_rows_that_score_importance(tiny_model_dir):
+    """``pruning.scoring_languages`` decides whose rows score the units: English, German and the default
+    (the evaluation languages, both) give three different score tensors for the same model, and the
+    German-scored run read German's training rows."""
+    def scored(scoring):
+        spec = as_spec(tiny_model_spec("scoring", tiny_model_dir, finetune={"steps": 0},
+                                       pruning={"scoring_languages": scoring}))
+        languages = preflight(spec)
+        assert languages["scoring"] == (scoring or ["en", "de"])
+        pipeline = build_pipeline(spec, languages, LocalSession())
+        pipeline.finetune()   # no steps: the same model for every choice
+        pipeline.prune()
+        return pipeline
+
+    english, german, both = scored(["en"]), scored(["de"]), scored(None)
+    assert german.data.sources["de"].startswith("xnli/dev-de.tsv, train part: ")
+    assert "de" not in english.data.sources
+    heads = [run.state.scores["shared"].heads for run in (english, german, both)]
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+    assert not torch.equal(heads[1], heads[2])
 
 
 @pytest.mark.timeout(600)
 def test_a_worker_failure_ends_the_run_in_the_workers_own_words(ray_local, tracking_server, tmp_path, tiny_model_dir):
     """A failure only a worker can see (the loss diverges): the driver's last line is the worker's
     error, not Ray Train's "Training failed due to worker errors", and the MLflow run ends FAILED."""
-    spec = {"name": "worker-nan", "model": {"source": str(tiny_model_dir)},
-            "data": {"task": "xnli", "languages": ["en", "de"], "max_train_examples": 16, "max_eval_examples": 8,
-                     "max_length": 32},
-            "finetune": {"steps": 4, "batch_size": 4, "learning_rate": 1e30, "cache": False},
-            "pruning": {"scoring_examples": 8}, "recovery": {"steps": 0}, "efficiency": {"latency": False},
-            "resources": {"num_workers": 1, "max_failures": 0},
-            "tracking": {"uri": tracking_server, "experiment": "test-runs", "log_models": "none"},
-            "storage": str(tmp_path / "runs")}
+    spec = tiny_model_spec("worker-nan", tiny_model_dir, tracking_server, tmp_path / "runs",
+                           finetune={"learning_rate": 1e30}, recovery={"steps": 0}, resources={"max_failures": 0})
     path = tmp_path / "nan.yaml"
     path.write_text(json.dumps(spec))   # JSON is YAML
     proc = subprocess.run([sys.executable, "-m", "raysparse.cli", "run", str(path)], capture_output=True, text=True,

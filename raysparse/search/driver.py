@@ -36,6 +36,11 @@ class SearchResult:
     tracking_uri: str
     storage: str
     columns: list[str] = field(default_factory=list)
+    space: list[str] = field(default_factory=list)
+
+    def ui_url(self) -> str:
+        """The MLflow UI's runs table of this search's trials, its objectives and space in columns."""
+        return trials_url(self.tracking_uri, self.parent_run_id, self.name, self.objectives, self.space)
 
     def table(self) -> str:
         return format_table(self.rows, self.columns)
@@ -228,13 +233,12 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     front = pareto_front([r for r in rows if r["status"] == "done"], metrics, modes)
     columns = _columns(spec, metrics, rows)
     result = SearchResult(spec.name, rows, front, list(zip(metrics, modes)), parent_run_id, tracking_uri, storage,
-                          columns)
+                          columns, list(spec.space))
     _log_search(result, base.data.task)
     if verbose:
         print(f"\nall trials ({len(rows)}):\n{result.table()}\n\nPareto front ({len(front)}):\n{result.pareto_table()}")
         print(f"\n{result.language_tables(base.data.task)}")
-        print(f"\nOpen the trials in the MLflow UI: {runs_table_url(tracking_uri, spec.tracking.experiment)}"
-              "   (or run: raysparse ui)")
+        print(f"\nOpen the trials in the MLflow UI: {result.ui_url()}   (or run: raysparse ui)")
     return result
 
 
@@ -292,9 +296,18 @@ def _log_search(result: SearchResult, task: str) -> None:
 __all__ = ["SearchResult", "as_search_spec", "search"]
 
 
-def runs_table_url(uri: str, experiment: str) -> str:
-    """The experiment's runs table in the MLflow UI (experiments are created as the kind whose page
-    is the runs table, not MLflow 3's GenAI overview)."""
-    from raysparse.tracking.runs import client, experiment_id
+def trials_url(uri: str, parent_run_id: str, name: str, objectives: list[tuple[str, str]],
+               space: list[str] = ()) -> str:
+    """The runs table of a search's trials in the MLflow UI (experiments are created as the kind whose
+    page is the runs table, not MLflow 3's GenAI overview): a saved view of the experiment that shows
+    the objectives, ``encoder_sparsity`` and the space's parameters as columns, sorted by the first
+    objective, best first, filtered to the trials under the search's parent run."""
+    from raysparse.tracking.runs import client, metric_column, param_column, runs_table_url
 
-    return f"{uri}/#/experiments/{experiment_id(client(uri), experiment)}/runs"
+    exp_id = client(uri).get_run(parent_run_id).info.experiment_id
+    metrics = list(dict.fromkeys([m for m, _ in objectives] + ["encoder_sparsity"]))
+    first, mode = objectives[0]
+    return runs_table_url(uri, exp_id, view=f"search {name} (run {parent_run_id[:8]}): trials",
+                          columns=[*map(metric_column, metrics), *map(param_column, space)],
+                          order_by=metric_column(first), ascending=mode == "min",
+                          search_filter=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +50,7 @@ def client(uri: str):
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_RUNS = "custom_model_development"   # MLflow 3's UI opens it on the runs table
 
 
 def experiment_id(mlflow_client, name: str) -> str:
@@ -56,15 +58,64 @@ def experiment_id(mlflow_client, name: str) -> str:
     if existing is not None:
         if existing.lifecycle_stage == "deleted":
             mlflow_client.restore_experiment(existing.experiment_id)
+        if EXPERIMENT_KIND not in existing.tags:   # made before raysparse said its kind, or by hand
+            mlflow_client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND, EXPERIMENT_KIND_RUNS)
         return existing.experiment_id
     try:
         # MLflow 3's UI opens an experiment of this kind on its runs table (not the GenAI overview)
-        return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND: "custom_model_development"})
+        return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND: EXPERIMENT_KIND_RUNS})
     except Exception:  # created concurrently by another process
         existing = mlflow_client.get_experiment_by_name(name)
         if existing is None:
             raise
         return existing.experiment_id
+
+
+SAVED_VIEW_TAG = "mlflow.sharedViewState."   # + key: a saved view of the runs page (MLflow 3's UI)
+RUN_NAME_COLUMN = "attributes.`Run Name`"
+
+
+def metric_column(key: str) -> str:
+    """The runs table's id of a metric column (also its sort key)."""
+    return f"metrics.`{key}`"
+
+
+def param_column(key: str) -> str:
+    return f"params.`{key}`"
+
+
+def runs_table_url(uri: str, exp_id: str, view: str | None = None, columns: list[str] = (),
+                   order_by: str | None = None, ascending: bool = False, search_filter: str = "") -> str:
+    """The experiment's runs table in the MLflow UI, its side bar on model training (not GenAI); with
+    ``view`` (a name), opened on a saved view that shows ``columns`` (:func:`metric_column`,
+    :func:`param_column`) first, in this order, wide enough for their names, sorted and filtered.
+
+    The runs page takes no columns from its URL (it keeps the chosen ones in the browser's storage,
+    and a first visit shows none of the metrics). It does open a saved view named by
+    ``?viewStateShareKey=<key>``, read from the experiment tag ``mlflow.sharedViewState.<key>``, the
+    form its own "Save view" writes; the view also lists under that name in the page's view menu.
+    The key is a hash of the view, so the same view is written once however often it is asked for.
+    """
+    base = f"{uri}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    if view is None:
+        return base
+    columns = list(columns)
+    widths = {RUN_NAME_COLUMN: 340, **{c: min(200, max(100, 7 * len(c) - 40)) for c in columns}}   # "metrics.`...`"
+    state = {"searchFilter": search_filter, "orderByKey": order_by or "attributes.start_time",
+             "orderByAsc": bool(ascending), "selectedColumns": columns, "columnOrder": list(widths),
+             "columnWidths": widths}
+    key = "raysparse" + hashlib.sha256(json.dumps([view, state], sort_keys=True).encode()).hexdigest()[:24]
+    try:
+        mlflow_client = client(uri)
+        if f"{SAVED_VIEW_TAG}{key}" not in mlflow_client.get_experiment(exp_id).tags:
+            now = int(time.time() * 1000)
+            envelope = {"name": view, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+            mlflow_client.set_experiment_tag(exp_id, f"{SAVED_VIEW_TAG}{key}", json.dumps(envelope))
+    except Exception as exc:   # a link is no reason to fail what asked for it: the plain runs table
+        print(f"warning: MLflow at {uri} kept no saved view ({first_line(exc)}); the link shows the plain "
+              "runs table", file=sys.stderr)
+        return base
+    return f"{base}&viewStateShareKey={key}"
 
 
 def find_run(mlflow_client, exp_id: str, run_key: str):
@@ -117,10 +168,24 @@ class RunLogger:
     def __init__(self, uri: str | None, run_id: str | None):
         self.uri, self.run_id = uri, run_id
         self._client = client(uri) if uri and run_id else None
+        self._earlier: dict[str, set[int] | None] | None = None   # resumed: steps of each key logged before
 
     @property
     def active(self) -> bool:
         return self._client is not None
+
+    def resumed(self) -> None:
+        """From now on, leave out every (metric, step) an earlier attempt of this run already logged: a
+        run resumed from a checkpoint repeats the steps after it, and each step keeps one entry."""
+        if self.active and self._earlier is None:
+            self._earlier = dict.fromkeys(self._client.get_run(self.run_id).data.metrics)
+
+    def _logged_before(self, key: str, step: int) -> bool:
+        if self._earlier is None or key not in self._earlier:
+            return False
+        if self._earlier[key] is None:   # its history, read once
+            self._earlier[key] = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        return step in self._earlier[key]
 
     def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
         if not self.active:
@@ -129,7 +194,8 @@ class RunLogger:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in values.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+                 and not self._logged_before(k, step or 0)]
         for start in range(0, len(items), 500):
             self._client.log_batch(self.run_id, metrics=items[start : start + 500])
 

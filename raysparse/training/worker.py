@@ -182,10 +182,11 @@ class Run:
 
     # --- checkpoints --------------------------------------------------------------------
     def _resumed(self) -> None:
-        self.state.metrics["resumes"] = self.state.metrics.get("resumes", 0) + 1
+        self.state.metrics["resumes"] = resumes = self.state.metrics.get("resumes", 0) + 1
         if self.is_chief:
             print(f"[resume] continuing at stage {self.state.stage}, step {self.state.step}", flush=True)
-            self.log.metrics({"resumes": self.state.metrics["resumes"]})
+            self.log.resumed()   # the steps it repeats are not logged twice
+            self.log.metrics({"resumes": resumes}, step=resumes)
 
     def _load_checkpoint(self, folder: Path) -> None:
         self.state = RunState.load(folder)
