@@ -1,5 +1,6 @@
 """Notebooks execute headless; the MLflow UI shows a search's trials side by side in a real browser."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -101,12 +102,26 @@ def _children(uri):
     return runs["runs"]
 
 
-@pytest.mark.timeout(300)
-def test_mlflow_ui_compare_view_shows_per_language_metrics(notebook_search, tracking_server):
+@contextlib.contextmanager
+def browser_page(width: int, height: int):
+    """A page of Debian's headless chromium (Playwright drives it; it never downloads a browser)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
+
+
+@pytest.mark.timeout(300)
+def test_mlflow_ui_compare_view_shows_per_language_metrics(notebook_search, tracking_server):
 
     children = _children(tracking_server)
     assert len(children) == 2
@@ -116,11 +131,7 @@ def test_mlflow_ui_compare_view_shows_per_language_metrics(notebook_search, trac
     url = f"{tracking_server}/#/compare-runs?{query}"
     SCREENSHOTS.mkdir(exist_ok=True)
     shot = SCREENSHOTS / "mlflow_compare_runs.png"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1400})
+    with browser_page(1600, 1400) as page:
         # The UI keeps polling the server, so "networkidle" may never come: wait for the content instead.
         page.goto(url, wait_until="domcontentloaded", timeout=120_000)
         for child in children:
@@ -137,7 +148,6 @@ def test_mlflow_ui_compare_view_shows_per_language_metrics(notebook_search, trac
         page.get_by_text("xnli/de/accuracy").first.scroll_into_view_if_needed(timeout=30_000)
         page.screenshot(path=str(shot), full_page=True)
         content = page.content()
-        browser.close()
     assert all(f"xnli/{key}/accuracy" in content for key in ("de", "en", "avg"))
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
@@ -147,10 +157,6 @@ def test_mlflow_ui_compare_view_shows_per_language_metrics(notebook_search, trac
 def test_printed_link_opens_the_trials_table_with_the_objectives(notebook_search, tracking_server):
     """The link a search prints lands on the runs table of its trials (not MLflow's GenAI overview), each
     objective a column with the trials' values, in a first visit's browser where nothing was picked."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.fail("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
 
     printed = outputs(notebook_search / "define_search.out.ipynb")
     match = re.search(r"Trials in the MLflow UI \(objectives as columns\): (\S+)", printed)
@@ -163,11 +169,7 @@ def test_printed_link_opens_the_trials_table_with_the_objectives(notebook_search
               for key in OBJECTIVES}
     SCREENSHOTS.mkdir(exist_ok=True)
     shot = SCREENSHOTS / "mlflow_trials_runs_table.png"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1920, "height": 1080})
+    with browser_page(1920, 1080) as page:
         page.goto(url, wait_until="domcontentloaded", timeout=120_000)
         for child in children:
             page.get_by_text(child["info"]["run_name"]).first.wait_for(timeout=90_000)
@@ -183,7 +185,6 @@ def test_printed_link_opens_the_trials_table_with_the_objectives(notebook_search
         rows = page.locator(".ag-center-cols-container .ag-row").count()
         landed = page.url
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
     print(f"screenshot: {shot}")
     assert "/runs" in landed and "workflowType=machine_learning" in landed, landed
     assert rows == 2, "the table holds the search's two trials (the parent run filtered out)"
