@@ -72,6 +72,8 @@ def _spec(args, model_cls=None):
 
 
 def cmd_run(args) -> None:
+    if args.plot and not args.compare:
+        raise RaysparseError("run --plot: draws the comparison of --compare (expected --compare beside it)")
     spec = _spec(args)
     if args.compare:
         comparison = raysparse.compare_with_separate_runs(spec, address=args.address)

@@ -139,6 +139,15 @@ def test_scoring_data_flag_is_gone(capsys):
     assert refused.value.code == 2 and "unrecognized arguments: --scoring-data" in capsys.readouterr().err
 
 
+def test_run_plot_without_compare_is_refused(tmp_path, capsys):
+    """`raysparse run SPEC --plot X.png` alone would run the whole spec and draw nothing: refused in one
+    line, before the spec is read or Ray starts."""
+    assert main(["run", str(tmp_path / "never-read.yaml"), "--plot", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--compare" in err and "run --plot" in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
 # --- raysparse evaluate --seed / --train-fraction -------------------------------------------------------------
 
 

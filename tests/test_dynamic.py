@@ -1,4 +1,5 @@
-"""Dynamic Sparsification on Ray Train: one run, the whole curve (real Ray, real MLflow, real data)."""
+"""Dynamic Sparsification on Ray Train: one run, the whole curve, and `--compare` with separate runs (real Ray,
+real MLflow, real data); a stopped DS run resuming exactly (in-process, the stages Ray Train workers run)."""
 
 
 import pytest
@@ -124,3 +125,116 @@ def test_sandwich_sampling_and_separate_specs():
     assert separate.pruning.schedule == "one-shot" and separate.pruning.sparsity == 0.4
     assert separate.recovery.steps == 7 and separate.recovery.distillation.enabled
     assert separate.finetune == spec.finetune and separate.data == spec.data
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sampling", [{}, {"sampling": "per-layer", "drop_layers_max": 1}], ids=["uniform", "per-layer"])
+def test_a_stopped_ds_run_is_rewired_before_its_weights_load_and_resumes_exactly(sampling, tiny_model_dir, tmp_path,
+                                                                                 one_torch_thread):
+    """Stopped in the middle of DS training, the run resumes from its checkpoint: the restored model is rewired
+    before the checkpoint's (rewired) weights load, so it holds exactly the weights the stopped run held, and it
+    ends where an uninterrupted run ends (weights and every level's quality); per-layer sampling draws the same
+    sub-networks on every step."""
+    from raysparse.runner import as_spec, preflight
+    from raysparse.structure import is_rewired
+    from raysparse.structure.rewire import dynamic_info
+    from raysparse.training.pipeline import build_pipeline
+    from raysparse.training.session import LocalSession
+    from tests.test_pipeline import Interrupt, assert_same_weights
+    from tests.test_subnetworks import ds_spec
+
+    data = ds_spec(tiny_model_dir, tmp_path / "runs", steps=3, **sampling)
+    data["resources"]["checkpoint_every"] = 1
+    spec = as_spec(data)
+    languages = preflight(spec)
+    straight = build_pipeline(spec, languages, LocalSession(), storage=str(tmp_path / "runs"))
+    straight.execute()
+    first = build_pipeline(spec, languages, LocalSession(tmp_path / "ckpt"), storage=str(tmp_path / "runs"))
+    first.finetune(), first.prune()
+    first.observers.append(Interrupt(after=2))
+    with pytest.raises(Interrupt.Killed):
+        first.recover()
+
+    resumed = build_pipeline(spec, languages, LocalSession(tmp_path / "ckpt"), storage=str(tmp_path / "runs"))
+    assert (resumed.state.stage, resumed.state.step) == ("recover", 2)
+    assert is_rewired(resumed.model) and dynamic_info(resumed.model)["grid"] == spec.dynamic.grid
+    assert_same_weights(first.model, resumed.model, atol=0)   # rewired after the load, they would be permuted twice
+    resumed.execute()
+    assert_same_weights(straight.model, resumed.model, atol=1e-6)
+    curve = {k: v for k, v in straight.state.metrics.items() if k.startswith("level/") and "/tatoeba/" in k}
+    assert curve and {k: resumed.state.metrics[k] for k in curve} == pytest.approx(curve, abs=1e-9)
+
+
+def pixels_of(image, hex_colour: str) -> int:
+    """How many pixels of an RGB(A) float image are (nearly) ``hex_colour``."""
+    import numpy as np
+
+    rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    return int((np.abs(image[..., :3] - rgb).max(axis=-1) < 0.02).sum())
+
+
+@pytest.mark.timeout(600)
+def test_run_compare_prints_both_curves_plots_them_and_logs_the_comparison(ray_local, tracking_server, tmp_path,
+                                                                           tiny_model_dir, capsys):
+    """`raysparse run DS_SPEC --compare --plot FILE`: the DS run (its curve printed), then every level of the grid
+    as a separate run (one-shot prune to the level, as many recovery steps as DS steps, distilled as DS distils),
+    both curves and the wall times printed, the PNG written with both curves, and the same comparison logged
+    to the DS run in MLflow, its numbers those of the runs it compares (read back from MLflow)."""
+    import json
+    from pathlib import Path
+
+    import mlflow
+    import yaml
+    from matplotlib.image import imread
+
+    from raysparse.cli import main
+
+    grid = [0.0, 0.5]
+    spec = {"name": "compare", "model": {"source": str(tiny_model_dir)},
+            "data": {"task": "tatoeba", "languages": ["de"], "max_train_examples": 16, "max_eval_examples": 20,
+                     "max_length": 24},
+            "finetune": {"steps": 1, "batch_size": 8},
+            "pruning": {"algorithm": "gradient", "schedule": "dynamic", "sparsity": 0.5, "scoring_examples": 8},
+            "dynamic": {"grid": grid, "samples_per_step": 0, "steps": 2, "distill": True},
+            "efficiency": {"latency": False}, "resources": {"num_workers": 1, "checkpoint_every": 50},
+            "tracking": {"uri": tracking_server, "experiment": "test-compare", "log_models": "none"},
+            "storage": str(tmp_path / "runs")}
+    path, png = tmp_path / "compare.yaml", tmp_path / "ds-vs-separate.png"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path), "--compare", "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+
+    client = mlflow.MlflowClient(tracking_server)
+    runs = client.search_runs([client.get_experiment_by_name("test-compare").experiment_id])
+    by_schedule = {}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        by_schedule.setdefault(run.data.params["pruning.schedule"], []).append(run)
+    [ds] = by_schedule.pop("dynamic")
+    separate = {float(run.data.params["pruning.sparsity"]): run for run in by_schedule.pop("one-shot")}
+    assert not by_schedule and sorted(separate) == grid
+    for level, run in separate.items():
+        params = run.data.params
+        assert (params["recovery.steps"], params["recovery.distillation.enabled"]) == ("2", "True"), params
+        assert run.data.metrics["encoder_sparsity"] == pytest.approx(level, abs=0.01)
+
+    local = client.download_artifacts(ds.info.run_id, "compare/comparison.json", str(tmp_path / "compare"))
+    logged = json.loads(Path(local).read_text())
+    ds_curve = {m.step: m.value for m in client.get_metric_history(ds.info.run_id, "curve/tatoeba/avg/accuracy")}
+    assert [row["level"] for row in logged["rows"]] == grid
+    for row in logged["rows"]:
+        assert row["ds"] == ds_curve[round(100 * row["level"])]
+        assert row["separate"] == separate[row["level"]].data.metrics["tatoeba/avg/accuracy"]
+        assert row["separate_seconds"] > 0
+    assert ds.data.metrics["compare/time_ratio"] == pytest.approx(logged["time_ratio"]) and logged["time_ratio"] > 0
+
+    assert "tatoeba accuracy at every level of one Dynamic Sparsification run" in printed   # the DS curve
+    table = printed[printed.index("one DS run vs a separate run per level"):]
+    for row in logged["rows"]:
+        line = next(line for line in table.splitlines()[2:] if line.split()[0] == f"{row['level']:g}")
+        assert line.split()[3:5] == [f"{row['ds']:.3f}", f"{row['separate']:.3f}"], line
+    assert "wall time: DS" in table and "ratio" in table and f"wrote {png}" in printed
+
+    image = imread(png)
+    assert image.shape[:2] == (480, 720)
+    assert pixels_of(image, "#4c72b0") > 100 and pixels_of(image, "#c44e52") > 100, "both curves are drawn"

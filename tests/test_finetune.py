@@ -2,8 +2,8 @@
 
 XNLI zero-shot: a short fine-tune on a few hundred rows of the English training part
 must beat the majority class on other languages' held-out rows; the fine-tuned model
-must save and reload to the same numbers; per-language masks must change them. PAN-X
-and MLQA get one tiny fine-tune + evaluate each (finite metrics with the right keys).
+must save and reload to the same numbers; per-language masks must change them. The other
+trainable tasks are fine-tuned and evaluated on the tiny encoder in test_task_finetune.py.
 """
 
 from __future__ import annotations
@@ -107,46 +107,6 @@ def test_per_language_masks_change_the_evaluation(xnli, embedded_tokenizer, data
     assert not any(encoder.attention_output(layer)._forward_pre_hooks for layer in encoder.layers)
     partly = evaluate(model, embedded_tokenizer, "xnli", ["de", "ru"], data_dir=data_dir, max_examples=4, masks=masks)
     assert partly.masked_languages == ["de"] and "(unmasked: ru)" in partly.table()  # the es mask is not used
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_panx_tagging_smoke(embedded_dir, embedded_tokenizer, data_dir):
-    model = build_task_model(raysparse.load_model(str(embedded_dir)), "panx")
-    assert (model.kind, model.num_labels) == ("tagging", 7)
-    freeze_word_embeddings(model)
-    english = training_data("panx", "zero-shot", ["de"], SEED, FRACTION, data_dir)
-    assert "train-en" in english.sources()["en"]
-    rows = english.rows().shuffle(seed=SEED).select(range(48))
-    losses = finetune(model, task_loader("panx", embedded_tokenizer, rows, 8, max_length=64), steps=6, learning_rate=1e-4,
-                      log_every=3)
-    assert all(math.isfinite(loss) for loss in losses)
-    result = evaluate(model, embedded_tokenizer, "panx", ["en", "de"], data_dir=data_dir, max_examples=24, max_length=64)
-    print(result.table())
-    assert set(result.metrics) == {f"panx/{lang}/{metric}" for lang in ("en", "de", "avg", "worst")
-                                   for metric in ("f1", "precision", "recall")} | \
-        {bound for lang in ("en", "de", "avg", "worst") for bound in interval_keys(f"panx/{lang}/f1")}
-    assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
-    assert "dev-de.tsv.gz, eval part" in result.sources["de"] and "all" in result.sources["en"]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_mlqa_qa_smoke(embedded_dir, embedded_tokenizer, data_dir):
-    model = build_task_model(raysparse.load_model(str(embedded_dir)), "mlqa")
-    assert (model.kind, model.num_labels) == ("qa", 0)
-    freeze_word_embeddings(model)
-    rows = training_data("mlqa", "zero-shot", ["de"], SEED, FRACTION, data_dir).rows().select(range(12))
-    loader = task_loader("mlqa", embedded_tokenizer, rows, 4, max_length=192, stride=64)
-    losses = finetune(model, loader, steps=4, learning_rate=1e-4, log_every=2)
-    assert all(math.isfinite(loss) for loss in losses)
-    result = evaluate(model, embedded_tokenizer, "mlqa", ["en", "de"], data_dir=data_dir, max_examples=8, max_length=192,
-                      stride=64)
-    print(result.table())
-    assert set(result.metrics) == {f"mlqa/{lang}/{metric}" for lang in ("en", "de", "avg", "worst")
-                                   for metric in ("f1", "exact_match")} | \
-        {bound for lang in ("en", "de", "avg", "worst") for bound in interval_keys(f"mlqa/{lang}/f1")}
-    assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
 
 
 # --- building blocks --------------------------------------------------------------------------------

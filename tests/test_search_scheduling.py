@@ -1,5 +1,6 @@
 """ASHA stops weak trials early on quality after the same number of recovery steps; TPE and NSGA-II
-run past their random start-up trials, and the later trials are the sampler's own suggestions."""
+run past their random start-up trials, and the later trials are the sampler's own suggestions; work larger
+than the running cluster a driver joins is refused in one line before MLflow hears of it."""
 
 from statistics import mean
 
@@ -7,7 +8,7 @@ import pytest
 
 from raysparse.search import search
 from tests.test_runs import rest
-from tests.tiny_search import metrics_of, tags_of, tiny_search_spec, trial_runs
+from tests.tiny_search import metrics_of, runs_of, tags_of, tiny_base, tiny_search_spec, trial_runs
 
 
 @pytest.mark.timeout(900)
@@ -74,3 +75,35 @@ def test_nsga2_breeds_offspring_after_its_first_generation(ray_local, tracking_s
     assert marks.count("random") == 3 and marks.count("nsga2") == 5, marks
     parents, _ = trial_runs(tracking_server, "nsga2")
     assert metrics_of(parents[0])["sampler_suggested_trials"] == 5
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("command", ["run", "search"])
+def test_work_larger_than_the_joined_cluster_is_refused_before_mlflow(command, ray_local, tracking_server, tmp_path,
+                                                                      tiny_model_dir):
+    """Joined to a running cluster (RAY_ADDRESS; the local-machine case is in test_runs.py), a run or a search
+    trial asking one CPU more than the cluster holds fails in one line saying what it needs and what the cluster
+    has (Ray would wait for the resources forever), and no MLflow run is opened."""
+    import os
+
+    from raysparse.errors import RaysparseError
+    from raysparse.runner import run
+
+    cluster = ray_local.cluster_resources()["CPU"]
+    workers = int(cluster) + 1
+    name = f"too-large-{command}"
+    if command == "run":
+        spec = {"name": name, **tiny_base(tiny_model_dir), "storage": str(tmp_path)}
+        spec["resources"]["num_workers"] = workers
+        spec["tracking"] = {"uri": tracking_server, "experiment": name}
+        expected = f"resources: a run of {workers} workers x 1 CPUs needs {workers} CPUs"
+    else:
+        spec = tiny_search_spec(name, tiny_model_dir, tracking_server, tmp_path)
+        spec["base"]["resources"]["num_workers"] = workers
+        expected = f"base.resources: a trial ({workers} workers x 1 CPUs + its driver) needs {workers + 0.25:g} CPUs"
+    with pytest.raises(RaysparseError) as refused:
+        run(spec, verbose=False) if command == "run" else search(spec, verbose=False)
+    message = str(refused.value)
+    assert message.startswith(expected) and "\n" not in message, message
+    assert f"but the cluster at {os.environ['RAY_ADDRESS']} has {cluster:g} " in message, message
+    assert runs_of(tracking_server, name) == []
