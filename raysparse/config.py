@@ -490,7 +490,9 @@ def load_spec(path: str | Path, model_cls: type[BaseModel] = RunSpec, budget: st
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise RaysparseError(f"spec: {path}{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if data is not None and not isinstance(data, dict):
+    if data is None:   # an empty file is a mistake more often than a wish for every default
+        raise RaysparseError(f"spec: {path} is empty (expected a mapping of spec fields; write {{}} to run every default)")
+    if not isinstance(data, dict):
         raise RaysparseError(f"spec: {path} must hold a mapping of fields, got {type(data).__name__}")
-    data = resolve_overrides(data or {}, str(path), budget, overrides)
+    data = resolve_overrides(data, str(path), budget, overrides)
     return parse(model_cls, data, str(path))

@@ -441,6 +441,7 @@ BAD_SPECS = [
     ("pruning:\n  iterations: 2\n", "pruning.iterations: only the iterative schedule takes it"),
     ("pruning:\n  algorithm: l0\n  options: {beta: -1}\n", "pruning.options.beta: Input should be greater than 0"),
     ("pruning:\n  schedule: sometimes\n", "pruning.schedule: expected one of one-shot, iterative, gradual, dynamic"),
+    ("# nothing but a comment\n", "is empty (expected a mapping of spec fields; write {} to run every default)"),
 ]
 
 
