@@ -6,16 +6,21 @@
    width of their own in every layer (some layers dropped with ``--drop-layers``), distilled from the
    full one. Its checkpoint is saved as a DS run logs it.
 2. A sub-network search on it (``raysparse search-subnetworks``, NSGA-II): ``--candidates``
-   sub-networks, each scored on Tatoeba *search rows* (rows ``--report-examples`` .. +
-   ``--search-examples`` of every language) with latency predicted by the per-layer table.
-3. For every uniform level of the grid: the best searched sub-network (highest average on the search
-   rows) whose predicted latency is within the level's predicted latency (both sides predicted by the
-   one table, so its bias cancels). Both are then scored on the *report rows* (the first
-   ``--report-examples`` of every language, which the search never saw) and timed directly, interleaved.
+   sub-networks, each scored on Tatoeba *search rows* (the ``--search-examples`` rows of every language
+   after the report rows) with latency predicted by the per-layer table (calibrated on the dense model).
+3. For every uniform level of the grid: the search's best point (highest average on the search rows;
+   the uniform levels are candidates too, so a level may be its own best) whose predicted latency is
+   within the level's predicted latency (both sides predicted by the one table). Both are then scored
+   on the *report rows* (``--report-examples`` rows of every language from ``--report-from``, which
+   the search never saw) and timed directly, interleaved.
+
+``--checkpoint`` and ``--search-dir`` reuse a trained super-network and a finished search (the search's
+rows, recorded in its subnetworks.json, must not overlap the report rows).
 
 Prints, per level: measured latency of both, quality of both on the report rows (avg and worst
-language), the quality ratio (searched / uniform) and the measured-latency ratio; then the latency
-table's prediction error (|predicted - measured| / measured) over every timed model. No assertions.
+language), the quality ratio (searched / uniform), the measured-latency ratio and the point chosen;
+the mean gain in points; then the latency table's prediction error (|predicted - measured| / measured)
+over every timed shrunk model (the dense model is the table's calibration point). No assertions.
 
 Defaults (the full size, about 15-20 minutes on 2 shared cores): Tatoeba de, fr, ru; 256 XNLI pairs
 per language; 20 fine-tuning steps and 60 DS steps of batch 16 at 32 tokens, 2 per-layer sub-networks
@@ -83,6 +88,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds (table and direct timing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="folder for the checkpoint, the search and front.json")
+    parser.add_argument("--report-from", type=int, default=0,
+                        help="the report rows start at this row (default 0; with --search-dir, past its search rows)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a trained DS checkpoint (its run's settings): skip step 1")
+    parser.add_argument("--search-dir", default=None,
+                        help="a finished search of that checkpoint (its subnetworks.json): skip step 2")
     args = parser.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -103,99 +114,128 @@ def main() -> None:
         from raysparse.models.tiny import make_tiny_encoder
 
         model = str(make_tiny_encoder(out / "tiny", languages=("en", *args.languages.split(","))))
-    spec = ds_spec(args, model, out / "runs")
-    print(f"super-network: {args.finetune_steps} fine-tuning + {args.steps} DS steps of batch {args.batch_size} at "
-          f"{args.max_length} tokens, {args.samples_per_step} per-layer sub-networks per step"
-          f"{f', up to {args.drop_layers} layers dropped' if args.drop_layers else ''}; grid "
-          f"{spec['dynamic']['grid']}; Tatoeba {args.languages}; results in {out}", flush=True)
-    started = time.time()
-    pipeline = run_in_process(spec)
-    trained = time.time() - started
-    checkpoint = save_dynamic(pipeline.model, out / "dynamic", pipeline.tokenizer, grid=pipeline.spec.dynamic.grid,
-                              extra=checkpoint_extra(pipeline.spec, "tatoeba", pipeline.languages["evaluation"]))
-    del pipeline
-    print(f"\nsuper-network trained in {trained:.0f}s; checkpoint {checkpoint}", flush=True)
+    trained = searched_seconds = 0.0
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+        print(f"super-network: {checkpoint} (trained before)", flush=True)
+    else:
+        spec = ds_spec(args, model, out / "runs")
+        print(f"super-network: {args.finetune_steps} fine-tuning + {args.steps} DS steps of batch {args.batch_size} at "
+              f"{args.max_length} tokens, {args.samples_per_step} per-layer sub-networks per step"
+              f"{f', up to {args.drop_layers} layers dropped' if args.drop_layers else ''}; grid "
+              f"{spec['dynamic']['grid']}; Tatoeba {args.languages}; results in {out}", flush=True)
+        started = time.time()
+        pipeline = run_in_process(spec)
+        trained = time.time() - started
+        checkpoint = save_dynamic(pipeline.model, out / "dynamic", pipeline.tokenizer, grid=pipeline.spec.dynamic.grid,
+                                  extra=checkpoint_extra(pipeline.spec, "tatoeba", pipeline.languages["evaluation"]))
+        del pipeline
+        print(f"\nsuper-network trained in {trained:.0f}s; checkpoint {checkpoint}", flush=True)
 
-    started = time.time()
-    result = search_subnetworks(model_dir=str(checkpoint), name="bench-front", candidates=args.candidates,
-                                seed=args.seed, max_examples=args.search_examples, skip_examples=args.report_examples,
-                                sequence_length=args.seq_len, threads=args.threads, rounds=args.rounds,
-                                latency_table=str(out / "latency-tables"), out=str(out / "search"), tracking=False,
-                                drop_layers=args.drop_layers, verbose=False)
-    searched_seconds = time.time() - started
-    quality, worst = result.objectives[0][0], result.objectives[1][0]
-    print(f"search: {len(result.rows)} candidates in {searched_seconds:.0f}s "
-          f"({searched_seconds / len(result.rows):.1f}s each), front {len(result.front)}", flush=True)
+    if args.search_dir:
+        record = json.loads((Path(args.search_dir) / "subnetworks.json").read_text())
+        rows, (quality, _), (worst, _) = record["candidates"], *record["objectives"][:2]
+        seen = record["evaluation"]
+        searched_rows = range(seen["skip_examples"], seen["skip_examples"] + seen["max_examples"])
+        report_rows = range(args.report_from, args.report_from + args.report_examples)
+        if set(searched_rows) & set(report_rows):
+            raise SystemExit(f"--search-dir: its search scored rows {searched_rows.start}..{searched_rows.stop - 1}, "
+                             f"which overlap the report rows {report_rows.start}..{report_rows.stop - 1} "
+                             "(expected --report-from past them)")
+        print(f"search: {len(rows)} candidates read from {args.search_dir} (search rows "
+              f"{searched_rows.start}..{searched_rows.stop - 1})", flush=True)
+    else:
+        started = time.time()
+        result = search_subnetworks(model_dir=str(checkpoint), name="bench-front", candidates=args.candidates,
+                                    seed=args.seed, max_examples=args.search_examples,
+                                    skip_examples=args.report_from + args.report_examples,
+                                    sequence_length=args.seq_len,
+                                    threads=args.threads, rounds=args.rounds,
+                                    latency_table=str(out / "latency-tables"), out=str(out / "search"),
+                                    tracking=False, drop_layers=args.drop_layers, verbose=False)
+        searched_seconds = time.time() - started
+        rows, quality, worst = result.rows, result.objectives[0][0], result.objectives[1][0]
+        print(f"search: {len(rows)} candidates in {searched_seconds:.0f}s "
+              f"({searched_seconds / len(rows):.1f}s each), front {len(result.front)}", flush=True)
 
     full = load_dynamic(checkpoint).eval()
     tokenizer = load_tokenizer(str(checkpoint))
-    table = LatencyTable.cached(Encoder(full).base, 1, args.seq_len, threads=args.threads, cache=out / "latency-tables",
+    tables = Path(record["spec"]["latency_table"]) if args.search_dir else out / "latency-tables"   # the search's
+    table = LatencyTable.cached(Encoder(full).base, 1, args.seq_len, threads=args.threads, cache=tables,
                                 rounds=args.rounds)
     grid = [round(0.1 * i, 1) for i in range(args.levels)]
-    searched = [r for r in result.rows if r["uniform_level"] is None and not r["repeat"]]
+    # the search's candidates, its uniform levels among them: a point of the front may be a uniform level
+    searched = [r for r in rows if not r["repeat"]]
     pairs = []
     for level, sub in uniform_levels(full, grid):
         budget = table.predict(sub.counts())
-        fitting = [r for r in searched if r["latency_ms"] <= budget]
+        fitting = [r for r in searched if r["latency_ms"] <= budget * (1 + 1e-9)]
         best = max(fitting, key=lambda r: (r[quality], r[worst], -r["latency_ms"])) if fitting else None
         pairs.append((level, sub, budget, best))
 
     def report(sub: Subnetwork) -> dict:
         with subnetwork_slices(full, sub):
             metrics = evaluate(full, tokenizer, "tatoeba", args.languages.split(","), max_examples=args.report_examples,
-                               seed=args.seed, train_fraction=0.5, verbose=False).metrics
+                               skip_examples=args.report_from, seed=args.seed, train_fraction=0.5,
+                               verbose=False).metrics
         return {"avg": metrics[quality], "worst": metrics[worst]}
 
     models, predicted = {}, {}
-    rows = []
-    for level, sub, budget, best in pairs:
+    for level, sub, budget, _ in pairs:
         models[f"level {level:g}"] = shrink_subnetwork(copy_sharing_embeddings(full), sub).eval()
         predicted[f"level {level:g}"] = budget
+    results = []
+    for level, sub, budget, best in pairs:
         row = {"level": level, "uniform": report(sub), "uniform_predicted_ms": budget}
         if best is not None:
             chosen = Subnetwork.from_dict(best["subnetwork"])
-            name = f"trial {best['trial']}"
+            uniform = best.get("uniform_level")
+            name = f"level {uniform:g}" if uniform is not None else f"trial {best['trial']}"
             if name not in models:
                 models[name] = shrink_subnetwork(copy_sharing_embeddings(full), chosen).eval()
                 predicted[name] = best["latency_ms"]
-            row.update({"trial": best["trial"], "searched": report(chosen), "searched_search_rows": best[quality],
+            row.update({"trial": best["trial"], "chosen": name, "searched_search_rows": best[quality],
+                        "searched": row["uniform"] if uniform == level else report(chosen),
                         "searched_predicted_ms": best["latency_ms"], "subnetwork": best["subnetwork"]})
-        rows.append(row)
+        results.append(row)
     with fixed_threads(args.threads):
         times = time_rounds({name: Encoder(m).base for name, m in models.items()}, 1, args.seq_len, args.rounds,
                             warmup=3)
     measured = {name: statistics.median(values) for name, values in times.items()}
 
     print(f"\nat each uniform level's latency (batch 1 x {args.seq_len} tokens, {args.threads} thread(s)): the best "
-          f"searched sub-network, both scored on the {args.report_examples} report rows per language")
+          f"point of the search (uniform levels included) by its search-row average, both scored on the "
+          f"{args.report_examples} report rows per language")
     header = (f"{'level':>5}  {'uni ms':>7}  {'srch ms':>7}  {'uni avg':>7}  {'srch avg':>8}  {'uni worst':>9}  "
-              f"{'srch worst':>10}  {'q ratio':>7}  {'ms ratio':>8}  trial")
+              f"{'srch worst':>10}  {'q ratio':>7}  {'ms ratio':>8}  chosen")
     print(header)
-    ratios = []
-    for row in rows:
+    ratios, gains = [], []
+    for row in results:
         level = f"level {row['level']:g}"
         row["uniform_measured_ms"] = measured[level]
         if "trial" not in row:
             print(f"{row['level']:>5g}  {measured[level]:7.2f}  {'-':>7}  {row['uniform']['avg']:7.3f}  (no searched "
                   "sub-network within its predicted latency)")
             continue
-        mine = measured[f"trial {row['trial']}"]
+        mine = measured[row["chosen"]]
         row["searched_measured_ms"] = mine
         ratio = row["searched"]["avg"] / row["uniform"]["avg"] if row["uniform"]["avg"] else float("nan")
         ratios.append(ratio)
+        gains.append(100 * (row["searched"]["avg"] - row["uniform"]["avg"]))
         print(f"{row['level']:>5g}  {measured[level]:7.2f}  {mine:7.2f}  {row['uniform']['avg']:7.3f}  "
               f"{row['searched']['avg']:8.3f}  {row['uniform']['worst']:9.3f}  {row['searched']['worst']:10.3f}  "
-              f"{ratio:7.3f}  {mine / measured[level]:8.3f}  {row['trial']}")
+              f"{ratio:7.3f}  {mine / measured[level]:8.3f}  {row['chosen']}")
     if ratios:
         print(f"quality ratio searched / uniform (report rows): median {statistics.median(ratios):.3f}, "
-              f"min {min(ratios):.3f}, max {max(ratios):.3f}")
+              f"min {min(ratios):.3f}, max {max(ratios):.3f}; searched - uniform: mean {statistics.mean(gains):+.1f} "
+              f"points, at or above at {sum(g >= 0 for g in gains)} of {len(gains)} levels")
     errors = {name: abs(predicted[name] - measured[name]) / measured[name] for name in measured if name != "level 0"}
     print(f"latency table prediction error over {len(errors)} timed shrunk models (the dense one calibrates it): median "
           f"{100 * statistics.median(errors.values()):.1f}%, max {100 * max(errors.values()):.1f}% "
           f"(dense: predicted {table.dense_ms():.2f} ms, measured {measured['level 0']:.2f} ms)")
     print(f"times: super-network {trained:.0f}s, search {searched_seconds:.0f}s")
     (out / "front.json").write_text(json.dumps({"settings": vars(args), "train_seconds": trained,
-                                                "search_seconds": searched_seconds, "levels": rows,
+                                                "search_seconds": searched_seconds, "levels": results,
                                                 "prediction_errors": errors}, indent=1, default=str))
     print(f"wrote {out / 'front.json'}; the search: {out / 'search'}")
 

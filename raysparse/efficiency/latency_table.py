@@ -8,10 +8,10 @@ dtype, device and thread count (the environment recorded beside it):
 - ``layer_ms``: a layer that keeps no head and no neuron (its norms, residuals and biases);
 - ``fixed_ms``: the model without its layers (embeddings, attention-mask preparation, pooler);
 - ``layer_scale``: one factor on every layer cost, so that the table predicts the dense model as it
-  is timed (in the same rounds). One layer timed over and over keeps its weights in the processor's
-  caches; twelve distinct layers in a row do not, and run 10-17% slower per layer at batch 1 on a
-  CPU. The factor is a one-point calibration on the dense model; :func:`check_predictions` reports
-  the error on shrunk models, which the calibration never saw.
+  is timed on its own. One layer timed over and over keeps its weights in the processor's caches;
+  twelve distinct layers in a row do not, and ran 5-17% slower per layer at batch 1 on this CPU (at
+  batch 8 the factor comes out near 1). The factor is a one-point calibration on the dense model;
+  :func:`check_predictions` reports the error on shrunk models, which the calibration never saw.
 
 All are measured on copies of one real, full encoder layer, sliced by the one function that slices
 weights (:func:`raysparse.structure.select_units`) and called with the very inputs the model passes
@@ -215,8 +215,10 @@ class LatencyTable:
                 hollow = copy.deepcopy(work, {id(t): t for t in [*work.parameters(), *work.buffers()]})
                 Encoder(hollow).base.encoder.layer = nn.ModuleList()   # the model minus its layers, same tensors
                 calls["fixed"] = functools.partial(hollow, **batch)
-                calls["dense"] = functools.partial(work, **batch)
                 times = time_calls(calls, rounds, warmup, device)
+                # the dense model on its own, as a run times it (beside 30 single layers its weights
+                # and activations would share the caches with theirs)
+                times["dense"] = time_calls({"dense": functools.partial(work, **batch)}, rounds, warmup, device)["dense"]
         finally:
             work.train(training)
         empty = times["h0"]
@@ -227,7 +229,7 @@ class LatencyTable:
         attention = [max(0.0, v) for v in increasing([0.0, *(added(f"h{h}") for h in range(1, heads + 1))])]
         ffn = [max(0.0, v) for v in increasing([0.0, *(added(f"n{n}") for n in grid[1:])])]
         layer_ms = statistics.median(empty)
-        timed_layers = statistics.median(d - f for d, f in zip(times["dense"], times["fixed"]))
+        timed_layers = statistics.median(times["dense"]) - statistics.median(times["fixed"])
         summed = layers * (layer_ms + attention[-1] + ffn[-1])
         scale = timed_layers / summed if summed > 0 and timed_layers > 0 else 1.0
         return cls((layers, heads, neurons), batch_size, sequence_length, _dtype_name(dtype), device, used, attention,
