@@ -273,7 +273,9 @@ def serve(path: str | Path = DEFAULT_SPEC) -> None:
     def _stop(*_):
         stop["now"] = True
 
+    # Ctrl-C and kill both stop it, also when started in the background, where SIGINT arrives ignored
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     cluster.start()
     try:
         cpus = cluster.spec.head.num_cpus + sum(w.num_cpus for w in cluster.spec.workers)
