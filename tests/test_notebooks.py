@@ -103,8 +103,9 @@ def _children(uri):
 
 
 @contextlib.contextmanager
-def browser_page(width: int, height: int):
-    """A page of Debian's headless chromium (Playwright drives it; it never downloads a browser)."""
+def browser_page(width: int, height: int, url: str, runs: list[dict]):
+    """A page of Debian's headless chromium (Playwright drives it; it never downloads a browser) that has
+    opened ``url`` and shows the name of every run in ``runs``."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
@@ -115,7 +116,13 @@ def browser_page(width: int, height: int):
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         try:
-            yield browser.new_page(viewport={"width": width, "height": height})
+            page = browser.new_page(viewport={"width": width, "height": height})
+            # The UI keeps polling the server, so "networkidle" may never come: wait for the content instead.
+            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+            for run in runs:
+                page.get_by_text(run["info"]["run_name"]).first.wait_for(timeout=90_000)
+            SCREENSHOTS.mkdir(exist_ok=True)
+            yield page
         finally:
             browser.close()
 
@@ -129,13 +136,8 @@ def test_mlflow_ui_compare_view_shows_per_language_metrics(notebook_search, trac
     experiment = children[0]["info"]["experiment_id"]
     query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment])})
     url = f"{tracking_server}/#/compare-runs?{query}"
-    SCREENSHOTS.mkdir(exist_ok=True)
     shot = SCREENSHOTS / "mlflow_compare_runs.png"
-    with browser_page(1600, 1400) as page:
-        # The UI keeps polling the server, so "networkidle" may never come: wait for the content instead.
-        page.goto(url, wait_until="domcontentloaded", timeout=120_000)
-        for child in children:
-            page.get_by_text(child["info"]["run_name"]).first.wait_for(timeout=90_000)
+    with browser_page(1600, 1400, url, children) as page:
         # The metric table is a virtualised grid 300 px high: fold the long parameter table away,
         # then scroll the grids until the per-language rows are rendered.
         page.get_by_text("Parameters", exact=True).first.click()
@@ -167,12 +169,8 @@ def test_printed_link_opens_the_trials_table_with_the_objectives(notebook_search
     assert len(children) == 2
     values = {key: [float({m["key"]: m["value"] for m in c["data"]["metrics"]}[key]) for c in children]
               for key in OBJECTIVES}
-    SCREENSHOTS.mkdir(exist_ok=True)
     shot = SCREENSHOTS / "mlflow_trials_runs_table.png"
-    with browser_page(1920, 1080) as page:
-        page.goto(url, wait_until="domcontentloaded", timeout=120_000)
-        for child in children:
-            page.get_by_text(child["info"]["run_name"]).first.wait_for(timeout=90_000)
+    with browser_page(1920, 1080, url, children) as page:
         table = page.locator(".ag-root").first.bounding_box()
         shown, cells = {}, {}
         for key in OBJECTIVES:
