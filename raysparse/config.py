@@ -313,8 +313,9 @@ class TrackingConfig(Strict):
     uri: str | None = None                      # None: start (or reuse) a local server on 127.0.0.1
     experiment: str = "raysparse"
     log_models: Literal["all", "one", "none"] = "one"   # shrunk models to log (per-language: one per language)
-    # logged models leave out tensors identical to model.source's (its word embeddings) and record its
-    # hash; raysparse.load_model fills them in, `raysparse export` writes the self-contained form
+    # logged models leave out tensors and files identical to model.source's (its word embeddings, its
+    # tokenizer) and record their hashes; raysparse.load_model / load_tokenizer fill them in,
+    # `raysparse export` writes the self-contained form
     lean_models: bool = True
 
 

@@ -1,11 +1,21 @@
-"""Where raysparse keeps things: the model cache and the XTREME data directory."""
+"""Where raysparse keeps things (the model cache, the XTREME data directory), and files' digests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from raysparse.errors import RaysparseError
+
+
+def file_digest(path: Path, chunk: int = 1 << 22, hasher=None) -> str:
+    """SHA-256 of a file's bytes (or fed into ``hasher``), read in blocks: cache entries, lean folders' files."""
+    hasher = hasher or hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def cache_dir() -> Path:

@@ -42,20 +42,30 @@ def test_lean_folder_round_trip_and_its_base_checks(tiny_model_dir, tmp_path):
     assert "embeddings.word_embeddings.weight" in recorded["tensors"] and recorded["source"] == str(base)
     assert not any(name.startswith("encoder.encoder.layer.0.attention") for name in recorded["tensors"])  # pruned
     assert (lean / WEIGHTS).stat().st_size < 0.5 * (full / WEIGHTS).stat().st_size
+    # the tokenizer is the base's, byte for byte: it stays out too (0.6 of a full tiny model)
+    assert "tokenizer.json" in recorded["files"] and not (lean / "tokenizer.json").exists()
+    assert (full / "tokenizer.json").is_file()
+    lean_bytes = sum(p.stat().st_size for p in lean.iterdir())
+    assert lean_bytes < 0.3 * sum(p.stat().st_size for p in full.iterdir())
 
     again = raysparse.load_model(str(lean))
     torch.testing.assert_close(outputs(again, tokenizer), outputs(model, tokenizer), atol=0, rtol=0)
+    torch.testing.assert_close(outputs(again, raysparse.load_tokenizer(str(lean))), outputs(model, tokenizer),
+                               atol=0, rtol=0)
     assert sorted(again.state_dict()) == sorted(model.state_dict())
 
     shipped = tmp_path / "shipped"
     proc = subprocess.run([sys.executable, "-m", "raysparse.cli", "export", str(lean), "--out", str(shipped)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "base" not in read_sidecar(shipped)
+    assert "base" not in read_sidecar(shipped) and (shipped / "tokenizer.json").is_file()
     proc = subprocess.run([sys.executable, "-m", "raysparse.cli", "export", str(lean), "--out", str(lean / "x")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "would overwrite the input" in proc.stderr
 
+    (base / "tokenizer.json").write_text((base / "tokenizer.json").read_text() + "\n")   # same vocabulary, other bytes
+    with pytest.raises(RaysparseError, match=r"another version of its base model .*\(tokenizer.json differs there"):
+        raysparse.load_tokenizer(str(lean))
     changed = raysparse.load_model(str(base))
     with torch.no_grad():
         changed.embeddings.word_embeddings.weight[3] += 1

@@ -210,6 +210,30 @@ def test_importance_scores_of_the_dense_model_are_computed_once(tiny_model_dir, 
     assert torch.equal(second.state.masks["shared"].kept_neurons, fresh.state.masks["shared"].kept_neurons)
 
 
+@pytest.mark.timeout(300)
+def test_the_dense_models_scores_are_computed_once(tiny_model_dir, tmp_path):
+    """``data.evaluate_dense``: a second run of the same dense model on the same rows reads the first one's
+    dense and trivial scores from the cache and logs what a fresh evaluation gives; other rows, a miss."""
+    def spec(name, cache=True, **data):
+        spec = tiny_spec(tiny_model_dir, name, algorithm="magnitude")
+        spec["storage"] = str(tmp_path / "runs")
+        spec["finetune"]["cache"] = cache
+        spec["data"].update({"evaluate_dense": True, **data})
+        return spec
+
+    first = run_in_process(spec("first"))
+    second = run_in_process(spec("second", cache=True))
+    fresh = run_in_process(spec("fresh", cache=False))
+    other = run_in_process(spec("other-rows", skip_eval_examples=16))
+    hit = "cache/dense-eval/hit"
+    assert (first.state.metrics[hit], second.state.metrics[hit], other.state.metrics[hit]) == (0.0, 1.0, 0.0)
+    assert hit not in fresh.state.metrics
+    dense = {k: v for k, v in fresh.state.metrics.items() if k.startswith(("dense/", "trivial/"))}
+    assert any(k.startswith("dense/xnli/") for k in dense) and any(k.startswith("trivial/xnli/") for k in dense)
+    assert {k: second.state.metrics[k] for k in dense} == pytest.approx(dense, abs=1e-9)
+    assert len(list((tmp_path / "runs" / "cache" / "dense-eval").glob("*/dense.json"))) == 2   # the rows are in the key
+
+
 def _compute_once(root, counter, results):
     import time
 

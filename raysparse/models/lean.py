@@ -3,7 +3,8 @@
 A pruned e5-small is 82% word-embedding table, and unless the vocabulary was trimmed that
 table is the base model's, bit for bit. :func:`save_lean` writes a model like
 :func:`~raysparse.structure.checkpoint.save_pruned` but without the tensors identical to its
-base's, and records the base's source and a SHA-256 of exactly those tensors;
+base's (and without the files beside them, such as the tokenizer's, that the base's folder holds
+byte for byte), and records the base's source and a SHA-256 of exactly those tensors and files;
 :func:`materialize` (behind ``raysparse.load_model``) loads the base again, checks the digest
 and fills them in, or says in one line that the base is missing or differs.
 ``raysparse export`` writes the self-contained form for shipping.
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,14 +61,71 @@ def save_lean(model: nn.Module, directory: str | Path, base_source: str, tokeniz
     omitted = sorted(name[len(prefix):] for name, tensor in state.items()
                      if name.startswith(prefix) and name[len(prefix):] in base
                      and base[name[len(prefix):]].shape == tensor.shape and torch.equal(base[name[len(prefix):]], tensor))
-    if not omitted:
+    files = _same_files_as_base(directory, base_source)
+    if not omitted and not files:
         return directory
     save_file({k: v for k, v in state.items() if k[len(prefix):] not in omitted or not k.startswith(prefix)},
               str(weights))
+    for name in files:
+        (directory / name).unlink()
     sidecar = read_sidecar(directory)
-    sidecar[BASE] = {"source": base_source, "prefix": prefix, "tensors": omitted, "sha256": digest(base, omitted)}
+    sidecar[BASE] = {"source": base_source, "prefix": prefix, "tensors": omitted, "sha256": digest(base, omitted),
+                     "files": files}
     (directory / SIDECAR).write_text(json.dumps(sidecar))
     return directory
+
+
+def _same_files_as_base(directory: Path, base_source: str) -> dict[str, str]:
+    """{name: sha256} of the files beside the weights (the tokenizer's: 0.6 of a full tiny model, 17 MB of
+    e5-small's) that the base model's folder holds byte for byte under the same name."""
+    from raysparse.models.sources import resolve_model
+    from raysparse.paths import file_digest
+
+    try:
+        location = Path(resolve_model(base_source))
+    except RaysparseError:
+        return {}
+    if not location.is_dir():
+        return {}
+    same = {}
+    for path in sorted(directory.iterdir()):
+        twin = location / path.name
+        if path.name in (WEIGHTS, SIDECAR, "config.json") or not path.is_file() or not twin.is_file():
+            continue
+        if path.stat().st_size == twin.stat().st_size and (sha := file_digest(path)) == file_digest(twin):
+            same[path.name] = sha
+    return same
+
+
+@contextmanager
+def complete_folder(directory: str | Path):
+    """``directory`` with the files it leaves out of its base back in place (a temporary folder of links
+    when it leaves some out; the folder itself otherwise): what a tokenizer loads from."""
+    from raysparse.models.sources import resolve_model
+    from raysparse.paths import file_digest
+
+    directory = Path(directory)
+    base = read_sidecar(directory).get(BASE) or {} if (directory / SIDECAR).is_file() else {}
+    files = base.get("files") or {}
+    if not files:
+        yield directory
+        return
+    try:
+        location = Path(resolve_model(base["source"]))
+    except RaysparseError as exc:
+        raise RaysparseError(f"model: {directory} leaves out {', '.join(files)} of its base model {base['source']!r}, "
+                             f"which cannot be found here ({exc}); export it where the base is (raysparse export) "
+                             "to get a self-contained folder") from None
+    for name, sha in files.items():
+        if not (location / name).is_file() or file_digest(location / name) != sha:
+            raise RaysparseError(f"model: {directory} was saved against another version of its base model "
+                                 f"{base['source']!r} ({name} differs there: expected sha256 {sha[:12]}...)")
+    with tempfile.TemporaryDirectory(prefix="raysparse-lean-") as folder:
+        for path in directory.iterdir():
+            (Path(folder) / path.name).symlink_to(path.resolve())
+        for name in files:
+            (Path(folder) / name).symlink_to((location / name).resolve())
+        yield Path(folder)
 
 
 def materialize(directory: str | Path, model_class=None, *, load: Callable[[str], nn.Module]) -> nn.Module:
@@ -96,4 +156,4 @@ def export(directory: str | Path, out: str | Path, tokenizer=None, *, load: Call
     return save_pruned(model, out, tokenizer=tokenizer, extra=read_sidecar(directory).get("extra"))
 
 
-__all__ = ["encoder_prefix", "export", "materialize", "save_lean"]
+__all__ = ["complete_folder", "encoder_prefix", "export", "materialize", "save_lean"]

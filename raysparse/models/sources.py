@@ -152,10 +152,15 @@ def load_encoder(source: str = EMBEDDED, model_class=None, trust_remote_code: bo
 def load_tokenizer(source: str = EMBEDDED, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from raysparse.models.lean import complete_folder
+
     location = resolve_model(source)
     try:
-        return AutoTokenizer.from_pretrained(location, local_files_only=not hub_allowed(),
-                                             trust_remote_code=trust_remote_code)
+        if not Path(location).is_dir():
+            return AutoTokenizer.from_pretrained(location, local_files_only=not hub_allowed(),
+                                                 trust_remote_code=trust_remote_code)
+        with complete_folder(location) as folder:   # a lean folder: the base's tokenizer files back
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise RaysparseError(f"model.source: cannot load a tokenizer from {location} ({first_line(exc)})") from None
 

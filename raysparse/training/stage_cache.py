@@ -1,10 +1,11 @@
 """Fine-tune once, prune many: stage outputs that no pruning choice changes, stored once per key.
 
-Three stages are cached: the dense fine-tuned model; the importance scores of that model for an
+Four stages are cached: the dense fine-tuned model; the importance scores of that model for an
 algorithm, its options and the scoring batches (trials that differ in sparsity or schedule score
-alike); and the distillation teacher's outputs on the recovery batches (every trial of a search with
+alike); the distillation teacher's outputs on the recovery batches (every trial of a search with
 the same seed and data recovers on the same batches from the same teacher, so only the first pays
-for the teacher's forward passes).
+for the teacher's forward passes); and, with ``data.evaluate_dense``, the dense model's scores on
+the evaluation rows (the reference of every trial's share of dense).
 The dense fine-tuned model depends on the model source (and its weights), the task, the data
 selection, the fine-tuning settings and the seed, never on the algorithm, sparsity, setting or
 recovery. :class:`StageCache` keeps such outputs under ``<storage>/cache/<stage>/<key>/``,
@@ -35,16 +36,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-STAGE_VERSION = {"finetune": 2, "teacher-targets": 1, "scores": 1}
+from raysparse.paths import file_digest
+
+STAGE_VERSION = {"finetune": 2, "teacher-targets": 1, "scores": 1, "dense-eval": 1}
 ENTRY = "entry.json"
-
-
-def file_digest(path: Path, chunk: int = 1 << 22, hasher=None) -> str:
-    hasher = hasher or hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def entry_digest(folder: Path) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 import zlib
 from functools import reduce
@@ -507,16 +508,36 @@ class Run:
         from raysparse.training.baselines import trivial_baseline
 
         spec = self.spec
-        result = self._evaluate({})
-        floor = trivial_baseline(self.task, self.languages["evaluation"], data_dir=spec.data.dir, seed=spec.seed,
-                                 train_fraction=spec.data.train_fraction, max_examples=spec.data.max_eval_examples,
-                                 skip_examples=spec.data.skip_eval_examples, regime=spec.data.regime)
-        values = {**{f"dense/{k}": v for k, v in result.metrics.items()},
-                  **{f"trivial/{k}": v for k, v in floor.metrics.items()}}
-        self.state.metrics.update(values)
-        self.log.metrics(values, step=spec.finetune.steps)
-        if floor.scored:
-            self.log.tags({"raysparse.trivial_baseline": floor.predictor[:5000]})
+
+        def compute(alive=None) -> dict:
+            result = self._evaluate({})
+            floor = trivial_baseline(self.task, self.languages["evaluation"], data_dir=spec.data.dir, seed=spec.seed,
+                                     train_fraction=spec.data.train_fraction, max_examples=spec.data.max_eval_examples,
+                                     skip_examples=spec.data.skip_eval_examples, regime=spec.data.regime)
+            return {"metrics": {**{f"dense/{k}": v for k, v in result.metrics.items()},
+                                **{f"trivial/{k}": v for k, v in floor.metrics.items()}},
+                    "predictor": floor.predictor[:5000] if floor.scored else None}
+
+        store = self._stage_cache() if spec.finetune.cache else None
+        if store is None:
+            found = compute()
+        else:   # every trial of a search scores the same dense model on the same rows: once is enough
+            from raysparse.paths import data_dir
+            from raysparse.training.stage_cache import stage_key, tensors_digest
+
+            determinants = {"model": spec.model.source, "weights": tensors_digest(self.model.state_dict()),
+                            "task": self.task.name, "languages": list(self.languages["evaluation"]),
+                            "evaluation": {**evaluation_options(spec), "data_dir": str(data_dir(spec.data.dir))},
+                            "regime": spec.data.regime}
+            found = {}
+            self._through_cache(store, "dense-eval", stage_key("dense-eval", determinants),
+                                compute=lambda alive: found.update(compute()),
+                                write=lambda folder: (folder / "dense.json").write_text(json.dumps(found)),
+                                load=lambda folder: found.update(json.loads((folder / "dense.json").read_text())))
+        self.state.metrics.update(found["metrics"])
+        self.log.metrics(found["metrics"], step=spec.finetune.steps)
+        if found["predictor"]:
+            self.log.tags({"raysparse.trivial_baseline": found["predictor"]})
 
     def prune(self) -> None:
         """Score and select: one mask (shared) or one per language, exact target sparsity; then shrink."""
