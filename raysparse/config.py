@@ -268,12 +268,26 @@ class DynamicConfig(Strict):
     sampling: Literal["uniform", "per-layer"] = "uniform"
     # per-layer sampling: drop up to this many whole layers from each random sub-network (0: never)
     drop_layers_max: int = Field(0, ge=0)
+    # per-layer sampling: the fewest units a layer keeps, as a sparsity (default: the grid's sparsest
+    # level). Above the grid's top, a searched sub-network may keep fewer units than the sparsest
+    # uniform level in some layers and more in others, at that level's latency (docs/dynamic.md)
+    per_layer_max_sparsity: float | None = Field(None, ge=0, lt=1)
 
     @field_validator("drop_layers_max")
     @classmethod
     def _drop_layers_needs_per_layer_sampling(cls, value: int, info) -> int:
         if value and info.data.get("sampling") != "per-layer":
             raise ValueError("layers are dropped only with dynamic.sampling: per-layer")
+        return value
+
+    @field_validator("per_layer_max_sparsity")
+    @classmethod
+    def _floor_needs_per_layer_sampling(cls, value: float | None, info) -> float | None:
+        if value is not None and info.data.get("sampling") != "per-layer":
+            raise ValueError("a per-layer floor applies only with dynamic.sampling: per-layer")
+        grid = info.data.get("grid") or []
+        if value is not None and grid and value < grid[-1]:
+            raise ValueError(f"expected at least the grid's sparsest level {grid[-1]}, got {value}")
         return value
 
     @field_validator("grid")

@@ -132,7 +132,8 @@ def per_layer_checkpoint(tiny_model_dir, tmp_path_factory, one_torch_thread):
     from raysparse.training.dynamic import checkpoint_extra
 
     folder = tmp_path_factory.mktemp("per-layer-ds")
-    spec = ds_spec(tiny_model_dir, folder / "runs", sampling="per-layer", drop_layers_max=1)
+    spec = ds_spec(tiny_model_dir, folder / "runs", sampling="per-layer", drop_layers_max=1,
+                   per_layer_max_sparsity=0.8)
     pipeline = run_in_process(spec)
     spec = pipeline.spec
     out = save_dynamic(pipeline.model, folder / "dynamic", pipeline.tokenizer, grid=spec.dynamic.grid,
@@ -145,6 +146,12 @@ def test_a_per_layer_run_trains_and_records_its_sampling(per_layer_checkpoint):
     folder, pipeline = per_layer_checkpoint
     info = json.loads((folder / "raysparse.json").read_text())["extra"]
     assert info["dynamic"]["sampling"] == "per-layer" and info["dynamic"]["drop_layers_max"] == 1
+    assert info["dynamic"]["per_layer_max_sparsity"] == 0.8
+    from raysparse.training.dynamic import smallest_counts
+
+    floor, top = smallest_counts(pipeline.model, [0.0, 0.3, 0.6], False, 0.8), smallest_counts(pipeline.model,
+                                                                                                [0.0, 0.3, 0.6], False)
+    assert floor[0] < top[0] and floor[1] < top[1]   # below the sparsest level: what the floor is for
     assert info["evaluation"] == {"languages": ["de"], "seed": 0, "train_fraction": 0.5, "max_examples": 20,
                                   "skip_examples": 0, "max_length": 24, "stride": 64}
     for level in ("0", "0.3", "0.6"):
@@ -177,6 +184,10 @@ def test_a_tiny_search_finds_a_front_whose_points_slice_load_and_evaluate(per_la
     record = json.loads((tmp_path / "out" / "subnetworks.json").read_text())
     assert record["front"] == [r["trial"] for r in result.front] and len(record["candidates"]) == 8
     assert record["evaluation"]["max_examples"] == 20 and record["space"]["drop_layers"] == 1
+    from raysparse.training.dynamic import smallest_counts   # the search's default floor: the checkpoint's
+
+    assert (record["space"]["min_heads"], record["space"]["min_neurons"]) == \
+        smallest_counts(raysparse.load_model(str(folder)), [0.0], False, 0.8)
     assert {p.name for p in (tmp_path / "out" / "points").iterdir()} == {f"trial-{r['trial']}.json" for r in result.front}
 
     [run] = client.search_runs([client.get_experiment_by_name("subnetworks").experiment_id])
@@ -270,6 +281,10 @@ BAD_SPECS = [
                                           "per-layer"),
     ({"dynamic": {"sampling": "random"}}, "dynamic.sampling: "),
     ({"dynamic": {"sampling": "per-layer", "drop_layers_max": -1}}, "dynamic.drop_layers_max: "),
+    ({"dynamic": {"per_layer_max_sparsity": 0.8}}, "dynamic.per_layer_max_sparsity: a per-layer floor applies only "
+                                                   "with dynamic.sampling: per-layer"),
+    ({"dynamic": {"grid": [0.0, 0.5], "sampling": "per-layer", "per_layer_max_sparsity": 0.4}},
+     "dynamic.per_layer_max_sparsity: expected at least the grid's sparsest level 0.5, got 0.4"),
 ]
 
 

@@ -57,7 +57,7 @@ def ds_spec(args, model: str, storage: Path) -> dict:
                     "scoring_examples": args.scoring_examples},
         "dynamic": {"grid": grid, "samples_per_step": args.samples_per_step, "steps": args.steps,
                     "learning_rate": args.learning_rate, "distill": True, "sampling": "per-layer",
-                    "drop_layers_max": args.drop_layers},
+                    "drop_layers_max": args.drop_layers, "per_layer_max_sparsity": args.floor},
         "efficiency": {"latency": False},
         "resources": {"checkpoint_every": 10_000},
         "tracking": {"log_models": "none"},
@@ -74,6 +74,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="DS (super-network) training steps")
     parser.add_argument("--samples-per-step", type=int, default=2, help="per-layer sub-networks per step")
     parser.add_argument("--drop-layers", type=int, default=0, help="dynamic.drop_layers_max (and the search's)")
+    parser.add_argument("--floor", type=float, default=None,
+                        help="dynamic.per_layer_max_sparsity: the fewest units a layer keeps in training and in the "
+                             "search, as a sparsity (default: the grid's sparsest level)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
@@ -122,7 +125,8 @@ def main() -> None:
         spec = ds_spec(args, model, out / "runs")
         print(f"super-network: {args.finetune_steps} fine-tuning + {args.steps} DS steps of batch {args.batch_size} at "
               f"{args.max_length} tokens, {args.samples_per_step} per-layer sub-networks per step"
-              f"{f', up to {args.drop_layers} layers dropped' if args.drop_layers else ''}; grid "
+              f"{f', up to {args.drop_layers} layers dropped' if args.drop_layers else ''}"
+              f"{f', per-layer floor {args.floor:g}' if args.floor is not None else ''}; grid "
               f"{spec['dynamic']['grid']}; Tatoeba {args.languages}; results in {out}", flush=True)
         started = time.time()
         pipeline = run_in_process(spec)

@@ -60,7 +60,9 @@ class SubnetworkSearchSpec(Strict):
         default_factory=lambda: ["avg", "worst", "latency"], min_length=1)
     uniform_levels: bool = True                 # score the checkpoint's grid levels first, as fixed trials
     spread_start: bool = True                   # the rest of the first generation spans the latency range (spread_start)
-    max_sparsity: float | None = Field(None, ge=0, lt=1)   # fewest units per layer: ceil((1-s)N); default: the grid's top
+    # fewest units per layer: ceil((1-s)N); default: the checkpoint's per-layer floor (dynamic.per_layer_max_sparsity,
+    # else its grid's top)
+    max_sparsity: float | None = Field(None, ge=0, lt=1)
     drop_layers: int | None = Field(None, ge=0)  # layers a candidate may drop (default: the checkpoint's drop_layers_max)
     # held-out rows scored per candidate; None: as the checkpoint's run evaluated (seed, split, rows; 100 rows
     # where it scored every row)
@@ -153,7 +155,9 @@ def _bounds(model, info: dict, spec: SubnetworkSearchSpec) -> tuple[int, int, in
 
     enc = Encoder(model)
     num_layers, num_heads, ffn = structure_of(model).shape
-    top = spec.max_sparsity if spec.max_sparsity is not None else max(info.get("grid") or [0.9])
+    # default: the fewest units per layer the super-network trained (its per-layer floor, else its grid's top)
+    top = spec.max_sparsity if spec.max_sparsity is not None else \
+        info.get("per_layer_max_sparsity") or max(info.get("grid") or [0.9])
     heads, neurons = prefix_counts(top, num_heads, ffn, enc.hidden_size, enc.head_dim,
                                    bool(info.get("match_sparsity", False)))
     drop = spec.drop_layers if spec.drop_layers is not None else int(info.get("drop_layers_max", 0))

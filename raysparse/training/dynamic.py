@@ -88,11 +88,14 @@ def sample_subnetworks(shape: tuple[int, int, int], smallest: tuple[int, int], s
     return out
 
 
-def smallest_counts(model: nn.Module, grid: list[float], match_sparsity: bool) -> tuple[int, int]:
-    """Heads and neurons per layer of the grid's smallest level: the least per-layer sampling keeps."""
+def smallest_counts(model: nn.Module, grid: list[float], match_sparsity: bool,
+                    floor: float | None = None) -> tuple[int, int]:
+    """Heads and neurons per layer at ``floor`` (default: the grid's smallest level): the least per-layer
+    sampling keeps."""
     enc = Encoder(model)
     _, num_heads, ffn = structure_of(model).shape
-    return prefix_counts(grid[-1], num_heads, ffn, enc.hidden_size, enc.head_dim, match_sparsity)
+    return prefix_counts(grid[-1] if floor is None else floor, num_heads, ffn, enc.hidden_size, enc.head_dim,
+                         match_sparsity)
 
 
 def nearest_level(grid: list[float], sparsity: float) -> float:
@@ -199,7 +202,8 @@ class DynamicRun(Run):
     def _rewire(self, scores) -> None:
         dyn = self.spec.dynamic
         rewire(self.model, scores)
-        per_layer = {"sampling": dyn.sampling, "drop_layers_max": dyn.drop_layers_max} \
+        per_layer = {"sampling": dyn.sampling, "drop_layers_max": dyn.drop_layers_max,
+                     "per_layer_max_sparsity": dyn.per_layer_max_sparsity or dyn.grid[-1]} \
             if dyn.sampling != "uniform" else {}
         mark(self.model, {**dynamic_info(self.model), "grid": list(dyn.grid), "match_sparsity": dyn.match_sparsity,
                           **per_layer})
@@ -255,7 +259,8 @@ class DynamicRun(Run):
         level_slices = {level: _prefix_counts(gates) for level, gates in level_gates.items()}
         per_layer = dyn.sampling == "per-layer"
         shape = structure_of(self.model).shape
-        smallest = smallest_counts(self.model, dyn.grid, dyn.match_sparsity) if per_layer else None
+        smallest = smallest_counts(self.model, dyn.grid, dyn.match_sparsity, dyn.per_layer_max_sparsity) \
+            if per_layer else None
         gates = UnitGates()
         last: dict[str, float] = {}   # loss of each sub-network trained at the latest step, largest first
 
