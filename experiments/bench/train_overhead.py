@@ -4,13 +4,15 @@ The same fine-tune (XNLI, the embedded e5-small, same batches, same threads) run
 plain loop in this process, through a TorchTrainer with 1 worker, and in a one-process Tune
 trial (how a one-worker search trial runs), side by side in one session. Steady-state steps per second are measured inside each loop after warm-up
 steps; the TorchTrainer's fixed start-up (placement, worker start, model load) is
-reported separately. Targets: steady-state overhead within 10% (TorchTrainer) and within 3%
-(one-process trial, issue 15).
+reported separately. The plain loop and the one-process trial alternate ``--rounds`` times; a loop's
+rate is the inverse of its median step. Targets: steady-state overhead within 10% (TorchTrainer) and
+within 3% (one-process trial, issue 15).
 
-    .venv/bin/python experiments/bench/train_overhead.py [--steps 30] [--warmup 5] [--threads 1]
+    .venv/bin/python experiments/bench/train_overhead.py [--steps 30] [--warmup 5] [--threads 1] [--rounds 2]
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -25,16 +27,19 @@ def spec_for(args) -> RunSpec:
 
 
 def timed_steps(model, data, rows, optimizer, steps: int, warmup: int) -> float:
-    """Steps per second over ``steps`` steps after ``warmup`` steps."""
+    """Steps per second over ``steps`` steps after ``warmup`` steps: the inverse of the median step time
+    (a step the machine stalled on, or a garbage collection, moves a mean; it does not move the median)."""
     model.train()
+    times = []
     for step in range(warmup + steps):
-        if step == warmup:
-            started = time.perf_counter()
+        started = time.perf_counter()
         loss = data.loss(model, data.batch(rows, step, 16))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return steps / (time.perf_counter() - started)
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return 1.0 / statistics.median(times)
 
 
 def plain(args) -> float:
@@ -115,15 +120,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="plain loop and one-process trial, interleaved, this many times each")
     args = parser.parse_args()
-    plain_rate = plain(args)
+    plains, trials, startups = [], [], []
     ray_rate, startup = through_ray(args)
-    trial_rate, trial_startup = through_tune(args)
-    second_plain = plain(args)   # plain again, so drift of the machine shows up
-    base = (plain_rate + second_plain) / 2
-    print(f"plain loop: {plain_rate:.3f} and {second_plain:.3f} steps/s (threads {args.threads}, batch 16, length 64)")
+    for _ in range(args.rounds):   # interleaved, so the machine's drift falls on both alike
+        plains.append(plain(args))
+        rate, ready = through_tune(args)
+        trials.append(rate)
+        startups.append(ready)
+    base, trial_rate = statistics.median(plains), statistics.median(trials)
+    print(f"plain loop: {', '.join(f'{r:.3f}' for r in plains)} steps/s (median step; threads {args.threads}, "
+          f"batch 16, length 64)")
     print(f"TorchTrainer, 1 worker: {ray_rate:.3f} steps/s; fixed start-up before the first step {startup:.1f} s")
-    print(f"one-process Tune trial: {trial_rate:.3f} steps/s; fixed start-up before the first step {trial_startup:.1f} s")
+    print(f"one-process Tune trial: {', '.join(f'{r:.3f}' for r in trials)} steps/s; fixed start-up before the "
+          f"first step {statistics.median(startups):.1f} s")
+    print(f"each round, trial / plain: {', '.join(f'{t / p:.3f}' for p, t in zip(plains, trials))}")
     print(f"steady-state overhead: TorchTrainer {(base / ray_rate - 1) * 100:+.1f}% (target within 10%); "
           f"one-process trial {(base / trial_rate - 1) * 100:+.1f}% (target within 3%)")
 
