@@ -1,6 +1,7 @@
 """Lean model folders: tensors identical to the base model stay out, load_model fills them back in,
 a missing or different base fails in one line, `raysparse export` writes the self-contained form."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ def test_lean_folder_round_trip_and_its_base_checks(tiny_model_dir, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
     tokenizer = raysparse.load_tokenizer(str(base))
+    tokenizer(["a run's batches are cut and padded"], truncation=True, max_length=4, padding=True)   # as in a run
     model = pruned_task_model(base)
     lean = save_lean(model, tmp_path / "lean", str(base), tokenizer, load=raysparse.load_model)
     full = save_pruned(model, tmp_path / "full", tokenizer)
@@ -59,6 +61,8 @@ def test_lean_folder_round_trip_and_its_base_checks(tiny_model_dir, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "base" not in read_sidecar(shipped) and (shipped / "tokenizer.json").is_file()
+    shipped_json = json.loads((shipped / "tokenizer.json").read_text())
+    assert shipped_json["truncation"] is None and shipped_json["padding"] is None   # not the run's last call
     proc = subprocess.run([sys.executable, "-m", "raysparse.cli", "export", str(lean), "--out", str(lean / "x")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "would overwrite the input" in proc.stderr

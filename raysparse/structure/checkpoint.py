@@ -9,6 +9,7 @@ sidecar also records the retrieval prompt the model expects (``retrieval_prompt`
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from pathlib import Path
@@ -80,8 +81,20 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None, extra: 
     }
     (directory / SIDECAR).write_text(json.dumps(sidecar))
     if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
     return directory
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``tokenizer.save_pretrained`` without the truncation and padding of its last call: a fast tokenizer
+    keeps them in its backend, which would write them into tokenizer.json (a shipped tokenizer that cuts
+    every text at the run's max_length, and a file that no longer equals the base model's)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and (backend.truncation is not None or backend.padding is not None):
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.backend_tokenizer.no_truncation()
+        tokenizer.backend_tokenizer.no_padding()
+    tokenizer.save_pretrained(directory)
 
 
 def is_pruned_checkpoint(directory: str | Path) -> bool:
