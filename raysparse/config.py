@@ -272,6 +272,11 @@ class DynamicConfig(Strict):
     # level). Above the grid's top, a searched sub-network may keep fewer units than the sparsest
     # uniform level in some layers and more in others, at that level's latency (docs/dynamic.md)
     per_layer_max_sparsity: float | None = Field(None, ge=0, lt=1)
+    # per-layer sampling: each random sub-network draws one width over the whole range and every layer a
+    # width near it (a normal deviation of this fraction of the range, clipped), so sub-networks at
+    # every cost are trained; null: every layer draws on its own (the widths average out, and nearly
+    # every sub-network costs about the middle of the range)
+    per_layer_spread: float | None = Field(0.25, gt=0)
 
     @field_validator("drop_layers_max")
     @classmethod

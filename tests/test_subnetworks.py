@@ -50,6 +50,28 @@ def test_per_layer_sampling_is_seeded_within_bounds_and_differs_between_layers()
     assert sample_levels([0.0, 0.3, 0.6, 0.9], 1, 0, 5) == sample_levels([0.0, 0.3, 0.6, 0.9], 1, 0, 5)
 
 
+def test_per_layer_training_samples_spread_over_the_whole_latency_range():
+    """With dynamic.per_layer_spread (the default) the super-network trains sub-networks at every cost,
+    each non-uniform; of 100 with independent per-layer draws (spread None), none is in the outer fifths."""
+    import statistics
+
+    shape, smallest = (12, 12, 1536), (2, 231)
+
+    def widths(spread):
+        return [statistics.mean((n - 231) / (1536 - 231) for n in sub.neurons)
+                for step in range(50) for sub in sample_subnetworks(shape, smallest, 2, 0, step, spread=spread)]
+
+    spread, independent = widths(0.25), widths(None)
+    assert min(spread) < 0.15 and max(spread) > 0.85, (min(spread), max(spread))
+    ends = lambda values: sum(w < 0.2 or w > 0.8 for w in values)   # noqa: E731
+    assert ends(spread) >= 20 and ends(independent) == 0, (ends(spread), ends(independent))
+    subs = [sub for step in range(50) for sub in sample_subnetworks(shape, smallest, 2, 0, step, spread=0.25)]
+    assert subs == [sub for step in range(50) for sub in sample_subnetworks(shape, smallest, 2, 0, step, spread=0.25)]
+    assert all(2 <= h <= 12 for sub in subs for h in sub.heads) and all(231 <= n <= 1536 for sub in subs
+                                                                       for n in sub.neurons)
+    assert sum(len(set(sub.neurons)) > 1 for sub in subs) >= 95, "non-uniform: layers stray from the width"
+
+
 def test_the_search_starts_spread_over_the_whole_latency_range():
     """Independent per-layer draws average near the middle; the start must reach both ends, stay
     non-uniform, stay within the bounds and be seeded."""
@@ -146,7 +168,7 @@ def test_a_per_layer_run_trains_and_records_its_sampling(per_layer_checkpoint):
     folder, pipeline = per_layer_checkpoint
     info = json.loads((folder / "raysparse.json").read_text())["extra"]
     assert info["dynamic"]["sampling"] == "per-layer" and info["dynamic"]["drop_layers_max"] == 1
-    assert info["dynamic"]["per_layer_max_sparsity"] == 0.8
+    assert info["dynamic"]["per_layer_max_sparsity"] == 0.8 and info["dynamic"]["per_layer_spread"] == 0.25
     from raysparse.training.dynamic import smallest_counts
 
     floor, top = smallest_counts(pipeline.model, [0.0, 0.3, 0.6], False, 0.8), smallest_counts(pipeline.model,

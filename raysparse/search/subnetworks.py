@@ -198,18 +198,16 @@ def spread_start(shape: tuple[int, int, int], low_heads: int, low_neurons: int, 
     import numpy as np
 
     from raysparse.structure import Subnetwork
+    from raysparse.structure.subnetwork import widths_near
 
     num_layers, num_heads, ffn = shape
     rng = np.random.default_rng([seed, 17])
     subs = []
     for k in range(count):
         width = (k + rng.random()) / count
-
-        def counts(low: int, high: int) -> list[int]:
-            fractions = np.clip(width + rng.normal(0.0, SPREAD, num_layers), 0.0, 1.0)
-            return [int(round(low + f * (high - low))) for f in fractions]
-
-        subs.append(Subnetwork(counts(low_heads, num_heads), counts(low_neurons, ffn), list(range(num_layers))))
+        subs.append(Subnetwork(widths_near(width, low_heads, num_heads, rng.normal(0.0, SPREAD, num_layers)),
+                               widths_near(width, low_neurons, ffn, rng.normal(0.0, SPREAD, num_layers)),
+                               list(range(num_layers))))
     return subs
 
 

@@ -47,6 +47,13 @@ def _integers(values, where: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def widths_near(width: float, low: int, high: int, deviations) -> list[int]:
+    """Counts per layer between ``low`` and ``high``: ``width`` (0: ``low``, 1: ``high``) plus each layer's
+    deviation, clipped. A sub-network drawn this way is non-uniform and still costs about ``width``
+    (independent per-layer draws would all cost about the middle of the range)."""
+    return [int(round(low + min(1.0, max(0.0, width + d)) * (high - low))) for d in deviations]
+
+
 @dataclass(frozen=True)
 class Subnetwork:
     """Heads and FFN neurons kept in every layer (prefixes of the importance order), and the layers kept.
@@ -278,5 +285,5 @@ class Costs:
                                                                                           + ffn * per_neuron))
 
 
-__all__ = ["Costs", "SEARCH_FILE", "Subnetwork", "check_fits", "read_subnetwork", "shrink_subnetwork",
+__all__ = ["Costs", "SEARCH_FILE", "Subnetwork", "check_fits", "read_subnetwork", "shrink_subnetwork", "widths_near",
            "subnetwork_mask", "subnetwork_slices"]

@@ -43,7 +43,7 @@ from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, measure,
 from raysparse.structure.rewire import dynamic_info, mark, prefix_counts, save_dynamic
 from raysparse.structure.shrink import structure_of
 from raysparse.structure.slicing import prefix_lengths, prefix_slices
-from raysparse.structure.subnetwork import Subnetwork, subnetwork_slices
+from raysparse.structure.subnetwork import Subnetwork, subnetwork_slices, widths_near
 from raysparse.training.finalize import stage_costs
 from raysparse.training.loop import Every, Progress
 from raysparse.training.state import STAGES
@@ -69,20 +69,28 @@ def sample_levels(grid: list[float], samples: int, seed: int, step: int) -> list
 
 
 def sample_subnetworks(shape: tuple[int, int, int], smallest: tuple[int, int], samples: int, seed: int, step: int,
-                       drop_layers_max: int = 0) -> list[Subnetwork]:
+                       drop_layers_max: int = 0, spread: float | None = None) -> list[Subnetwork]:
     """``samples`` random sub-networks with a width per layer, a pure function of (seed, step), so a resumed
-    run draws what an uninterrupted one draws. In every layer, independently, the heads kept are drawn
-    uniformly from ``smallest[0]``..all and the neurons from ``smallest[1]``..all (each at least 1: a
-    prefix of the importance order); with ``drop_layers_max``, 0..that many layers (never all) are
-    dropped, chosen at random."""
+    run draws what an uninterrupted one draws. Heads kept range over ``smallest[0]``..all and neurons over
+    ``smallest[1]``..all (each at least 1: a prefix of the importance order). With ``spread``, each
+    sub-network draws one width uniformly over that range and every layer a width near it (a normal
+    deviation of ``spread`` of the range, clipped): sub-networks at every cost, each non-uniform.
+    Without it (None), every layer draws on its own over the whole range, so the widths average out
+    and nearly every sub-network costs about the middle of the range. With ``drop_layers_max``,
+    0..that many layers (never all) are dropped, chosen at random."""
     num_layers, num_heads, ffn = shape
     low_heads, low_neurons = max(1, min(smallest[0], num_heads)), max(1, min(smallest[1], ffn))
     most_dropped = min(drop_layers_max, num_layers - 1)
     rng = random.Random(f"raysparse/per-layer/{seed}/{step}")
     out = []
     for _ in range(samples):
-        heads = [rng.randint(low_heads, num_heads) for _ in range(num_layers)]
-        neurons = [rng.randint(low_neurons, ffn) for _ in range(num_layers)]
+        if spread is None:
+            heads = [rng.randint(low_heads, num_heads) for _ in range(num_layers)]
+            neurons = [rng.randint(low_neurons, ffn) for _ in range(num_layers)]
+        else:
+            width = rng.random()
+            heads = widths_near(width, low_heads, num_heads, [rng.gauss(0.0, spread) for _ in range(num_layers)])
+            neurons = widths_near(width, low_neurons, ffn, [rng.gauss(0.0, spread) for _ in range(num_layers)])
         dropped = set(rng.sample(range(num_layers), rng.randint(0, most_dropped))) if most_dropped > 0 else set()
         out.append(Subnetwork(heads, neurons, [i for i in range(num_layers) if i not in dropped]))
     return out
@@ -203,7 +211,8 @@ class DynamicRun(Run):
         dyn = self.spec.dynamic
         rewire(self.model, scores)
         per_layer = {"sampling": dyn.sampling, "drop_layers_max": dyn.drop_layers_max,
-                     "per_layer_max_sparsity": dyn.per_layer_max_sparsity or dyn.grid[-1]} \
+                     "per_layer_max_sparsity": dyn.per_layer_max_sparsity or dyn.grid[-1],
+                     "per_layer_spread": dyn.per_layer_spread} \
             if dyn.sampling != "uniform" else {}
         mark(self.model, {**dynamic_info(self.model), "grid": list(dyn.grid), "match_sparsity": dyn.match_sparsity,
                           **per_layer})
@@ -294,7 +303,8 @@ class DynamicRun(Run):
             if not per_layer:
                 return [at_level(level) for level in sample_levels(dyn.grid, dyn.samples_per_step, spec.seed, step)]
             ends = [dyn.grid[0], *([dyn.grid[-1]] if len(dyn.grid) > 1 else [])]
-            sampled = sample_subnetworks(shape, smallest, dyn.samples_per_step, spec.seed, step, dyn.drop_layers_max)
+            sampled = sample_subnetworks(shape, smallest, dyn.samples_per_step, spec.seed, step, dyn.drop_layers_max,
+                                         dyn.per_layer_spread)
             return [at_level(ends[0]), *(at_subnetwork(i, sub) for i, sub in enumerate(sampled)),
                     *(at_level(level) for level in ends[1:])]
 
