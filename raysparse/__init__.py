@@ -66,6 +66,7 @@ _LAZY = {
     # Dynamic Sparsification
     "shrink_checkpoint": "raysparse.dynamic", "compare_with_separate_runs": "raysparse.dynamic",
     "search_subnetworks": "raysparse.search.subnetworks", "SubnetworkSearchSpec": "raysparse.search.subnetworks",
+    "SubnetworkSearchResult": "raysparse.search.subnetworks",
     # clusters, Ray jobs and the MLflow server
     "serve_cluster": "raysparse.cluster:serve", "submit_job": "raysparse.jobs:submit", "check_spec": "raysparse.jobs",
     "tracking_server": "raysparse.tracking.server:ensure_server",

@@ -85,15 +85,25 @@ def cmd_run(args) -> None:
 
 
 def cmd_shrink(args) -> None:
+    trial = args.trial
+    if args.within_ms is not None:
+        if trial is not None or args.config is None:
+            raise RaysparseError("shrink --within-ms: picks a candidate of --config FILE (a search's subnetworks.json) "
+                                 "by latency (expected --config, and no --trial beside it)")
+        chosen = raysparse.SubnetworkSearchResult.read(args.config).best_within(args.within_ms)
+        trial = chosen["trial"]
+        print(f"within {args.within_ms:g} ms: trial {trial}, predicted {chosen['latency_ms']:.2f} ms "
+              f"({chosen['chosen_because']})")
     print(raysparse.shrink_checkpoint(args.model, args.sparsity, args.out, match_sparsity=args.match_sparsity,
-                                      config=args.config, trial=args.trial).table())
+                                      config=args.config, trial=trial).table())
 
 
 def cmd_search_subnetworks(args) -> None:
     fields = {"model_dir": args.model, "task": args.task, "languages": _languages(args.languages),
               "data_dir": args.data_dir, "candidates": args.candidates, "sampler": args.sampler,
               "population": args.population, "seed": args.seed, "uniform_levels": not args.no_uniform_levels,
-              "spread_start": not args.no_spread_start,
+              "spread_start": not args.no_spread_start, "refine": args.refine,
+              "budgets_ms": _numbers(args.budgets_ms, "budgets_ms"),
               "max_sparsity": args.max_sparsity, "drop_layers": args.drop_layers, "max_examples": args.max_examples,
               "skip_examples": args.skip_examples, "latency": args.latency, "batch_size": args.batch_size,
               "sequence_length": args.seq_len, "threads": args.threads, "latency_table": args.latency_table,
@@ -108,6 +118,19 @@ def cmd_search_subnetworks(args) -> None:
 def cmd_export(args) -> None:
     out = raysparse.export_model(args.model, args.out)
     print(f"wrote the self-contained model to {out} (load with raysparse.load_model('{out}'))")
+
+
+def _numbers(value: str | None, field: str) -> list[float] | None:
+    """``--budgets-ms 20,25.5``: numbers, comma-separated (left out: None)."""
+    if value is None:
+        return None
+    try:
+        numbers = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers:
+        raise RaysparseError(f"{field}: expected comma-separated numbers (e.g. 20,25.5), got {value!r}")
+    return numbers
 
 
 def _integers(value: str, field: str) -> list[int]:
@@ -244,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of --sparsity, a sub-network with a width per layer: a point JSON (heads, neurons, "
                         "layers), or a sub-network search's subnetworks.json with --trial")
     p.add_argument("--trial", type=int, default=None, help="with --config subnetworks.json: the candidate's trial number")
+    p.add_argument("--within-ms", type=float, default=None, metavar="MS",
+                   help="with --config subnetworks.json: the candidate for this latency budget (the search's best "
+                        "average within it if surely above the best uniform level within it, else that level)")
     p.add_argument("--out", required=True, help="folder for the shrunk model (loads with raysparse.load_model)")
     p.add_argument("--match-sparsity", action="store_true", default=None,
                    help="neurons absorb the rounding of the head count (default: as the checkpoint records)")
@@ -269,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-uniform-levels", action="store_true", help="do not score the checkpoint's grid levels first")
     p.add_argument("--no-spread-start", action="store_true",
                    help="start from the sampler's own random draws, not candidates spread over the latency range")
+    p.add_argument("--refine", type=int, default=None, metavar="N",
+                   help="after the search, N more candidates per latency budget, each a mutation of the best point "
+                        "within it (default 0)")
+    p.add_argument("--budgets-ms", default=None, metavar="MS,MS",
+                   help="--refine's budgets in ms, comma-separated (default: the uniform levels' predicted latencies)")
     p.add_argument("--latency", default=None, choices=["predicted", "measured"],
                    help="predicted by the per-layer latency table (default, fast) or timed per candidate")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of the latency objective (default 1)")

@@ -211,6 +211,21 @@ def test_a_tiny_search_finds_a_front_whose_points_slice_load_and_evaluate(per_la
     assert (record["space"]["min_heads"], record["space"]["min_neurons"]) == \
         smallest_counts(raysparse.load_model(str(folder)), [0.0], False, 0.8)
     assert {p.name for p in (tmp_path / "out" / "points").iterdir()} == {f"trial-{r['trial']}.json" for r in result.front}
+    # every first evaluation's per-example statistics are kept, and the folder reads back as the result
+    read = raysparse.SubnetworkSearchResult.read(tmp_path / "out")
+    assert [r["trial"] for r in read.rows] == [r["trial"] for r in result.rows]
+    assert [r["trial"] for r in read.front] == [r["trial"] for r in result.front]
+    assert set(read.examples) == {r["trial"] for r in result.rows if not r["repeat"]}
+    for row in result.rows:
+        if not row["repeat"]:
+            [correct] = read.examples[row["trial"]].values()
+            assert len(correct) == 20 and sum(correct) / 20 == pytest.approx(row["tatoeba/avg/accuracy"])
+    dense = result.rows[0]["latency_ms"]
+    chosen = read.best_within(dense)
+    assert chosen["latency_ms"] <= dense and chosen["chosen_because"]
+    fitting = [r for r in result.rows if r["latency_ms"] <= dense]
+    assert chosen["tatoeba/avg/accuracy"] >= max(r["tatoeba/avg/accuracy"] for r in fitting
+                                                 if r["uniform_level"] is not None)
 
     [run] = client.search_runs([client.get_experiment_by_name("subnetworks").experiment_id])
     assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
@@ -234,6 +249,88 @@ def test_a_tiny_search_finds_a_front_whose_points_slice_load_and_evaluate(per_la
     from_point = raysparse.shrink_checkpoint(folder, None, tmp_path / "small-2",
                                              config=tmp_path / "out" / "points" / f"trial-{trial}.json")
     assert from_point.subnetwork == sub and from_point.shrunk.total_params == point["params"]
+    budget = result.rows[2]["latency_ms"]   # the sparsest uniform level's
+    picked = read.best_within(budget)
+    assert main(["shrink", str(folder), "--config", str(tmp_path / "out" / "subnetworks.json"), "--within-ms",
+                 str(budget), "--out", str(tmp_path / "small-3")]) == 0
+    assert f"trial {picked['trial']}" in capsys.readouterr().out
+    assert measure(raysparse.load_model(str(tmp_path / "small-3"))).total_params == picked["params"]
+
+
+@pytest.mark.timeout(60)
+def test_a_refined_candidate_moves_units_between_layers_and_fills_its_budget():
+    import random
+
+    from raysparse.search.subnetworks import refine_candidate
+
+    shape, cost = (4, 6, 64), lambda counts: sum(counts[0]) * 4.0 + sum(counts[1]) * 0.25   # noqa: E731
+    parent = Subnetwork([6, 3, 2, 6], [64, 20, 10, 64])
+    budget = cost(parent.counts())
+    rng, children = random.Random(0), []
+    for _ in range(30):
+        child = refine_candidate(parent, shape, 1, 4, budget, cost, rng)
+        child.check(shape)
+        assert cost(child.counts()) <= budget and child.kept_layers == parent.kept_layers
+        assert all(1 <= h <= 6 for h in child.heads) and all(4 <= n <= 64 for n in child.neurons)
+        children.append(child.key())
+    assert len(set(children)) > 10   # moves of its own each time
+    dropped = Subnetwork([6, 0, 2, 6], [64, 0, 10, 64], layers=[0, 2, 3])   # a dropped layer stays dropped
+    child = refine_candidate(dropped, shape, 1, 4, cost(dropped.counts()) + 40.0, cost, random.Random(1))
+    assert child.kept_layers == (0, 2, 3) and cost(child.counts()) > cost(dropped.counts())   # filled up
+    floor = refine_candidate(None, shape, 1, 4, 30.0, cost, random.Random(2))   # no parent: the floor (20), filled
+    assert 20.0 < cost(floor.counts()) <= 30.0
+
+
+@pytest.mark.timeout(300)
+def test_refining_adds_candidates_within_each_budget(per_layer_checkpoint, tmp_path):
+    folder, _ = per_layer_checkpoint
+    result = raysparse.search_subnetworks(model_dir=str(folder), candidates=4, population=3, refine=2, seed=1,
+                                          out=str(tmp_path / "out"), latency_table=str(tmp_path / "tables"), rounds=2,
+                                          sequence_length=16, tracking=False, verbose=False)
+    refined = [r for r in result.rows if r["suggested_by"] == "refine"]
+    levels = [r for r in result.rows if r["uniform_level"] is not None and r["suggested_by"] == "uniform"]
+    assert len(refined) == 2 * len(levels) == 6
+    assert [r["budget_ms"] for r in refined] == [r["latency_ms"] for r in levels for _ in range(2)]
+    assert all(r["latency_ms"] <= r["budget_ms"] * (1 + 1e-9) for r in refined)
+    assert [r["trial"] for r in result.rows] == list(range(10))
+    read = raysparse.SubnetworkSearchResult.read(tmp_path / "out" / "subnetworks.json")
+    assert len(read.rows) == 10 and set(read.examples) == {r["trial"] for r in result.rows if not r["repeat"]}
+    with pytest.raises(RaysparseError) as info:
+        raysparse.search_subnetworks(model_dir=str(folder), refine=2, latency="measured", tracking=False)
+    assert one_line(info).startswith("search-subnetworks.refine: fills each candidate up to its budget")
+
+
+def _search_of(rows: list[dict], examples: dict) -> "raysparse.SubnetworkSearchResult":
+    from pathlib import Path
+
+    keys = [("tatoeba/avg/accuracy", "max"), ("latency_ms", "min")]
+    return raysparse.SubnetworkSearchResult("s", "ds", "tatoeba", "accuracy", keys, rows, rows, Path("."),
+                                           examples=examples)
+
+
+def _row(trial: int, correct: list[int], ms: float, level: float | None = None) -> dict:
+    accuracy = sum(correct) / len(correct)
+    return {"trial": trial, "uniform_level": level, "repeat": False, "latency_ms": ms,
+            "tatoeba/avg/accuracy": accuracy, "tatoeba/worst/accuracy": accuracy}
+
+
+@pytest.mark.timeout(60)
+def test_a_budget_keeps_the_uniform_level_unless_a_candidate_is_surely_better():
+    """best_within: the paired bootstrap on the search rows decides between the best candidate and the level."""
+    level = [1] * 60 + [0] * 40
+    narrow = level[:60] + [1] + [0] * 39              # one more example right: within the noise
+    wide = level[:60] + [1] * 20 + [0] * 20            # twenty more, none lost: surely better
+    rows = [_row(0, [1] * 100, 40.0, 0.0), _row(1, level, 20.0, 0.5), _row(2, narrow, 19.0), _row(3, wide, 21.0)]
+    search = _search_of(rows, {r: {"de": c} for r, c in enumerate([[1] * 100, level, narrow, wide])})
+    kept = search.best_within(20.0)                    # the level and `narrow` fit; `narrow` averages higher
+    assert kept["trial"] == 1 and "not surely better" in kept["chosen_because"]
+    assert search.best_within(21.0)["trial"] == 3      # `wide` fits too, and beats the level for sure
+    assert search.best_within(50.0)["trial"] == 0      # the dense level itself
+    without = _search_of(rows, {})                     # no statistics: the highest average
+    assert without.best_within(20.0)["trial"] == 2
+    with pytest.raises(RaysparseError) as info:
+        search.best_within(10.0)
+    assert one_line(info) == "best_within.latency_ms: no candidate within 10 ms (the cheapest: 19.00 ms)"
 
 
 @pytest.mark.timeout(120)
@@ -281,7 +378,11 @@ def test_bad_input_fails_in_one_line(tiny_model_dir, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: shrink.config: {point} is not valid JSON")
     for argv, expected in [(["--sparsity", "0.3", "--config", str(point)], "error: shrink: expected --sparsity"),
                            (["--sparsity", "0.3", "--trial", "2"], "error: shrink.trial: --trial picks"),
-                           (["--config", str(tmp_path / "missing.json")], "error: shrink.config: ")]:
+                           (["--config", str(tmp_path / "missing.json")], "error: shrink.config: "),
+                           (["--within-ms", "20"], "error: shrink --within-ms: picks a candidate of --config"),
+                           (["--config", str(point), "--within-ms", "20", "--trial", "1"], "error: shrink --within-ms"),
+                           (["--config", str(tmp_path / "nothing" / "s.json"), "--within-ms", "20"],
+                            f"error: search-subnetworks.out: {tmp_path / 'nothing' / 's.json'} does not exist")]:
         assert main(["shrink", str(ds), *argv, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(expected), err

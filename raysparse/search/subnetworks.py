@@ -18,6 +18,13 @@ configuration, what ``raysparse shrink MODEL_DIR --config subnetworks.json --tri
 ``candidates.csv``, the Pareto front (``pareto.txt``, one point file per front member under
 ``points/``) and a plot; with tracking on, one MLflow run (tag ``raysparse.kind=subnetwork-search``)
 holds them as artifacts under ``search/``, beside each objective as a metric over the trial number.
+
+Two additions serve a user with a latency budget: ``refine`` spends more candidates at each budget (an
+evolutionary search under a latency constraint from the best point within it: :func:`refine_candidate`),
+because the multi-objective search leaves the sparse budgets thinly covered; and
+:meth:`SubnetworkSearchResult.best_within` picks a budget's point, keeping the uniform level unless a
+candidate beats it for sure on the search rows (paired bootstrap over ``examples.json``), because the best of
+hundreds of noisy averages is biased upwards.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -41,6 +49,7 @@ from raysparse.search.pareto import format_table, pareto_front
 
 OBJECTIVE_MODES = {"avg": "max", "worst": "max", "latency": "min", "params": "min", "bytes": "min", "flops": "min"}
 LATENCY, PARAMS, BYTES, FLOPS = "latency_ms", "params", "bytes", "flops"
+SEARCH_FILE, EXAMPLES_FILE = "subnetworks.json", "examples.json"
 KIND = "subnetwork-search"
 
 
@@ -60,6 +69,11 @@ class SubnetworkSearchSpec(Strict):
         default_factory=lambda: ["avg", "worst", "latency"], min_length=1)
     uniform_levels: bool = True                 # score the checkpoint's grid levels first, as fixed trials
     spread_start: bool = True                   # the rest of the first generation spans the latency range (spread_start)
+    # after the search, this many more candidates per latency budget, each a mutation of the best point within it
+    # (units moved between layers, then filled up to the budget): an evolutionary search under a latency
+    # constraint (as HAT's and Once-for-All's), where the multi-objective search leaves a budget thinly covered
+    refine: int = Field(0, ge=0)
+    budgets_ms: list[float] | None = Field(None, min_length=1)   # refine's budgets (default: the uniform levels')
     # fewest units per layer: ceil((1-s)N); default: the checkpoint's per-layer floor (dynamic.per_layer_max_sparsity,
     # else its grid's top)
     max_sparsity: float | None = Field(None, ge=0, lt=1)
@@ -103,6 +117,68 @@ class SubnetworkSearchResult:
     seconds: float = 0.0
     table_summary: str = ""
     columns: list[str] = field(default_factory=list)
+    # trial -> language -> the primary metric's per-example statistics on the search rows (a trial that
+    # repeats an earlier configuration has none: its first trial's are the same); examples.json
+    examples: dict[int, dict[str, list]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: str | Path) -> SubnetworkSearchResult:
+        """A finished search from the folder it wrote, or its ``subnetworks.json`` (``examples.json`` beside it)."""
+        from raysparse.structure.mask import read_json
+
+        path = Path(path)
+        search_file = path if path.suffix == ".json" else path / SEARCH_FILE
+        out_dir = search_file.parent
+        record = read_json(search_file, "search-subnetworks.out", "the subnetworks.json a search wrote")
+        if not isinstance(record, dict) or not isinstance(record.get("candidates"), list):
+            raise RaysparseError(f"search-subnetworks.out: {search_file} holds no candidates "
+                                 "(expected the subnetworks.json a sub-network search wrote)")
+        rows, front = record["candidates"], set(record.get("front") or [])
+        examples_file = out_dir / EXAMPLES_FILE
+        examples = {}
+        if examples_file.is_file():
+            stored = read_json(examples_file, "search-subnetworks.out", "the examples.json a search wrote")
+            examples = {int(trial): stats for trial, stats in (stored.get("trials") or {}).items()}
+        return cls(record.get("name", out_dir.name), record.get("checkpoint", ""), record["task"], record["metric"],
+                   [tuple(o) for o in record["objectives"]], rows, [r for r in rows if r["trial"] in front], out_dir,
+                   seconds=float(record.get("seconds") or 0.0), examples=examples)
+
+    def best_within(self, latency_ms: float, level: float = 0.95) -> dict:
+        """The candidate to keep at a latency budget: the highest average on the search rows among those whose
+        latency fits, *if* it beats the best uniform level that fits with confidence, else that level.
+
+        Why: the search's averages are noisy (a few hundred rows per language put about 1.5 points of noise
+        on each), and the best of a few hundred noisy candidates is the one the noise favoured most; a
+        non-uniform point that only ties the uniform level tends to lose to it on new rows. The check is
+        the paired bootstrap interval of (candidate - level) on the search rows' per-example statistics
+        (:func:`raysparse.data.bootstrap.paired_difference`): the candidate is kept when its lower end is
+        above zero. Without statistics (BUCC, a search written before they were kept) or without a
+        fitting uniform level, the highest average fits. Returns the row, with ``"chosen_because"`` added.
+        """
+        from raysparse.data.bootstrap import example_form, paired_difference
+
+        quality, worst = avg_key(self.task, self.metric), worst_key(self.task, self.metric)
+        fitting = [r for r in self.rows if not r.get("repeat") and r[LATENCY] <= latency_ms * (1 + 1e-9)]
+        if not fitting:
+            cheapest = min(r[LATENCY] for r in self.rows)
+            raise RaysparseError(f"best_within.latency_ms: no candidate within {latency_ms:g} ms (the cheapest: "
+                                 f"{cheapest:.2f} ms)")
+        rank = lambda r: (r[quality], r[worst], -r[LATENCY])   # noqa: E731
+        best = max(fitting, key=rank)
+        levels = [r for r in fitting if r.get("uniform_level") is not None]
+        if not levels or best.get("uniform_level") is not None:
+            return {**best, "chosen_because": "the highest average within the budget"}
+        level_row = max(levels, key=rank)
+        form = example_form(self.task)
+        mine, theirs = self.examples.get(best["trial"]), self.examples.get(level_row["trial"])
+        if form is None or not mine or not theirs:
+            return {**best, "chosen_because": "the highest average within the budget (no per-example statistics)"}
+        low, high = paired_difference(form, theirs, mine, level=level)["avg"]
+        if low > 0:
+            return {**best, "chosen_because": f"above uniform level {level_row['uniform_level']:g} by "
+                                              f"{100 * low:+.1f}..{100 * high:+.1f} points ({level:.0%} paired)"}
+        return {**level_row, "chosen_because": f"trial {best['trial']} is not surely better: "
+                                               f"{100 * low:+.1f}..{100 * high:+.1f} points ({level:.0%} paired)"}
 
     def table(self) -> str:
         return format_table(self.rows, self.columns)
@@ -211,6 +287,49 @@ def spread_start(shape: tuple[int, int, int], low_heads: int, low_neurons: int, 
     return subs
 
 
+def refine_candidate(parent, shape: tuple[int, int, int], low_heads: int, low_neurons: int, budget: float,
+                     predict, rng) -> object:
+    """A mutation of ``parent`` within ``budget`` (ms, as ``predict((heads, neurons))`` gives it): one to
+    three moves of heads or neurons from one kept layer to another, then units taken from random layers
+    while it costs more than the budget, and added to random layers while that still fits (a candidate
+    that leaves budget unused wastes it). Kept layers stay as in the parent; without a parent, the
+    uniform floor is filled up. Pure given ``rng`` (a ``random.Random``)."""
+    from raysparse.structure import Subnetwork
+
+    num_layers, num_heads, ffn = shape
+    if parent is None:
+        parent = Subnetwork([low_heads] * num_layers, [low_neurons] * num_layers)
+    heads, neurons, kept = list(parent.heads), list(parent.neurons), list(parent.kept_layers)
+    kinds = [(heads, low_heads, num_heads, 1), (neurons, low_neurons, ffn, max(1, ffn // 16))]
+
+    def cost() -> float:
+        return predict(([heads[i] for i in kept], [neurons[i] for i in kept]))
+
+    for _ in range(rng.randint(1, 3) if len(kept) > 1 else 0):
+        counts, low, high, chunk = rng.choice(kinds)
+        give, take = rng.sample(kept, 2)
+        move = min(rng.randint(1, 2 * chunk), counts[take] - low, high - counts[give])
+        if move > 0:
+            counts[give] += move
+            counts[take] -= move
+    for _ in range(4 * len(kept) * (num_heads + 16)):   # over budget: trim
+        if cost() <= budget:
+            break
+        counts, low, high, chunk = rng.choice(kinds)
+        layer = rng.choice([i for i in kept if counts[i] > low] or kept)
+        counts[layer] = max(low, counts[layer] - chunk)
+    misses = 0
+    while misses < 8:                                  # under budget: fill
+        counts, low, high, chunk = rng.choice(kinds)
+        layer = rng.choice(kept)
+        before = counts[layer]
+        counts[layer] = min(high, before + chunk)
+        if counts[layer] == before or cost() > budget:
+            counts[layer] = before
+            misses += 1
+    return Subnetwork(heads, neurons, parent.layers)
+
+
 def _fixed_params(sub, drop: int) -> dict:
     params = {**{f"heads_{i}": h for i, h in enumerate(sub.heads)}, **{f"neurons_{i}": n for i, n in enumerate(sub.neurons)}}
     if drop:
@@ -260,6 +379,12 @@ def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose:
     out_dir = Path(spec.out or Path("outputs") / "subnetworks" / spec.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    if spec.refine and spec.latency != "predicted":
+        raise RaysparseError("search-subnetworks.refine: fills each candidate up to its budget by the latency table "
+                             "(expected latency: predicted)")
+    if spec.refine and not spec.budgets_ms and not (spec.uniform_levels and info.get("grid")):
+        raise RaysparseError("search-subnetworks.budgets_ms: refine needs budgets (expected budgets_ms, or the "
+                             "checkpoint's uniform levels with uniform_levels on)")
     table = None
     time_candidate = None
     if spec.latency == "predicted":
@@ -281,6 +406,7 @@ def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose:
                               max_length=spec.max_length or recorded.get("max_length"),
                               stride=int(recorded.get("stride") or 128), verbose=False)
         row = {k: v for k, v in result.metrics.items() if k.startswith(f"{task.name}/")}
+        examples[sub.key()] = result.example_stats
         heads, neurons = sub.counts()
         row.update({"layers": len(heads), "heads": sum(heads), "neurons": sum(neurons),
                     "encoder_sparsity": costs.encoder_sparsity(sub), PARAMS: costs.params(sub),
@@ -304,6 +430,7 @@ def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose:
         study.enqueue_trial(_fixed_params(sub, drop))
     uniform = {sub.key(): level for level, sub in levels}
     seen: dict[str, dict] = {}
+    examples: dict[str, dict] = {}
     rows: list[dict] = []
     if verbose:
         print(f"search-subnetworks {spec.name}: {spec.candidates} candidates of {folder} ({shape[0]} layers x "
@@ -329,12 +456,41 @@ def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose:
             print(f"[{number + 1}/{spec.candidates}] {suggested:7} {shown}  "
                   f"({row['eval_seconds']:.1f}s{', repeat' if repeat else ''})", flush=True)
 
+    if spec.refine:
+        budgets = spec.budgets_ms or [table.predict(sub.counts()) for _, sub in levels]
+        quality = avg_key(task.name, metric)
+        for budget in budgets:
+            fitting = [r for r in rows if r[LATENCY] <= budget * (1 + 1e-9)]
+            best = max(fitting, key=lambda r: r[quality]) if fitting else None
+            rng = random.Random(f"{spec.seed}/{budget:.6f}")
+            for _ in range(spec.refine):
+                parent = Subnetwork.from_dict(best["subnetwork"]) if best else None
+                sub = None
+                for _attempt in range(10):   # a fresh configuration, if ten draws find one
+                    sub = refine_candidate(parent, shape, low_heads, low_neurons, budget, table.predict, rng)
+                    if sub.key() not in seen:
+                        break
+                repeat = sub.key() in seen
+                values = dict(seen[sub.key()]) if repeat else score(sub)
+                seen.setdefault(sub.key(), values)
+                row = {"trial": len(rows), "suggested_by": "refine", "uniform_level": uniform.get(sub.key()),
+                       "repeat": repeat, **values, "subnetwork": sub.to_dict(), "budget_ms": budget}
+                rows.append(row)
+                if not repeat and row[LATENCY] <= budget * (1 + 1e-9) and (best is None or row[quality] > best[quality]):
+                    best = row
+                if verbose:
+                    print(f"[refine {budget:.2f} ms] trial {row['trial']}  avg {_cell(row[quality])}  latency "
+                          f"{_cell(row[LATENCY])}  (best {_cell(best[quality])}{', repeat' if repeat else ''})",
+                          flush=True)
+
     keys, modes = [key for key, _ in objectives], [mode for _, mode in objectives]
     front = pareto_front([r for r in rows if not r["repeat"]], keys, modes)
     columns = ["trial", "suggested_by", "uniform_level", "layers", "heads", "neurons", "encoder_sparsity",
                *dict.fromkeys([*keys, avg_key(task.name, metric), worst_key(task.name, metric), LATENCY, PARAMS])]
     result = SubnetworkSearchResult(spec.name, str(folder), task.name, metric, objectives, rows, front, out_dir,
-                                    columns=columns, table_summary=table.summary() if table is not None else "")
+                                    columns=columns, table_summary=table.summary() if table is not None else "",
+                                    examples={r["trial"]: examples[Subnetwork.from_dict(r["subnetwork"]).key()]
+                                              for r in rows if not r["repeat"]})
     result.seconds = time.time() - started
     _write(result, spec, shape, evaluation, languages, (low_heads, low_neurons, drop, top))
     if spec.tracking:
@@ -409,7 +565,9 @@ def _write(result: SubnetworkSearchResult, spec: SubnetworkSearchSpec, shape, ev
                         "max_sparsity": top},
               "evaluation": {**evaluation, "languages": languages}, "spec": spec.model_dump(),
               "seconds": result.seconds, "front": [r["trial"] for r in result.front], "candidates": result.rows}
-    (out / "subnetworks.json").write_text(json.dumps(record, indent=1, default=str))
+    (out / SEARCH_FILE).write_text(json.dumps(record, indent=1, default=str))
+    (out / EXAMPLES_FILE).write_text(json.dumps({"task": result.task, "metric": result.metric,
+                                                 "trials": result.examples}))
     with (out / "candidates.csv").open("w", newline="") as stream:
         names = list(dict.fromkeys(k for r in result.rows for k in r if k != "subnetwork"))
         writer = csv.DictWriter(stream, [*names, "heads_per_layer", "neurons_per_layer", "kept_layers"])
@@ -500,5 +658,5 @@ def _track(result: SubnetworkSearchResult, spec: SubnetworkSearchSpec) -> None:
     result.run_id, result.tracking_uri = run_id, uri
 
 
-__all__ = ["SubnetworkSearchResult", "SubnetworkSearchSpec", "search_subnetworks", "subnetwork_plot",
-           "uniform_levels"]
+__all__ = ["SubnetworkSearchResult", "SubnetworkSearchSpec", "refine_candidate", "search_subnetworks",
+           "subnetwork_plot", "uniform_levels"]
