@@ -78,7 +78,7 @@ def save_lean(model: nn.Module, directory: str | Path, base_source: str, tokeniz
 def _same_files_as_base(directory: Path, base_source: str) -> dict[str, str]:
     """{name: sha256} of the files beside the weights (the tokenizer's: 0.6 of a full tiny model, 17 MB of
     e5-small's) that the base model's folder holds byte for byte under the same name."""
-    from raysparse.models.sources import resolve_model
+    from raysparse.models.locate import resolve_model
     from raysparse.paths import file_digest
 
     try:
@@ -101,7 +101,7 @@ def _same_files_as_base(directory: Path, base_source: str) -> dict[str, str]:
 def complete_folder(directory: str | Path):
     """``directory`` with the files it leaves out of its base back in place (a temporary folder of links
     when it leaves some out; the folder itself otherwise): what a tokenizer loads from."""
-    from raysparse.models.sources import resolve_model
+    from raysparse.models.locate import resolve_model
     from raysparse.paths import file_digest
 
     directory = Path(directory)
