@@ -326,6 +326,7 @@ def test_a_budget_keeps_the_uniform_level_unless_a_candidate_is_surely_better():
     assert kept["trial"] == 1 and "not surely better" in kept["chosen_because"]
     assert search.best_within(21.0)["trial"] == 3      # `wide` fits too, and beats the level for sure
     assert search.best_within(50.0)["trial"] == 0      # the dense level itself
+    assert search.best_within(20.0, level=None)["trial"] == 2   # no check: the highest average
     without = _search_of(rows, {})                     # no statistics: the highest average
     assert without.best_within(20.0)["trial"] == 2
     with pytest.raises(RaysparseError) as info:

@@ -143,7 +143,7 @@ class SubnetworkSearchResult:
                    [tuple(o) for o in record["objectives"]], rows, [r for r in rows if r["trial"] in front], out_dir,
                    seconds=float(record.get("seconds") or 0.0), examples=examples)
 
-    def best_within(self, latency_ms: float, level: float = 0.95) -> dict:
+    def best_within(self, latency_ms: float, level: float | None = 0.95) -> dict:
         """The candidate to keep at a latency budget: the highest average on the search rows among those whose
         latency fits, *if* it beats the best uniform level that fits with confidence, else that level.
 
@@ -153,7 +153,8 @@ class SubnetworkSearchResult:
         the paired bootstrap interval of (candidate - level) on the search rows' per-example statistics
         (:func:`raysparse.data.bootstrap.paired_difference`): the candidate is kept when its lower end is
         above zero. Without statistics (BUCC, a search written before they were kept) or without a
-        fitting uniform level, the highest average fits. Returns the row, with ``"chosen_because"`` added.
+        fitting uniform level, the highest average fits; ``level=None`` skips the check (the highest average,
+        however narrow its margin). Returns the row, with ``"chosen_because"`` added.
         """
         from raysparse.data.bootstrap import example_form, paired_difference
 
@@ -166,7 +167,7 @@ class SubnetworkSearchResult:
         rank = lambda r: (r[quality], r[worst], -r[LATENCY])   # noqa: E731
         best = max(fitting, key=rank)
         levels = [r for r in fitting if r.get("uniform_level") is not None]
-        if not levels or best.get("uniform_level") is not None:
+        if level is None or not levels or best.get("uniform_level") is not None:
             return {**best, "chosen_because": "the highest average within the budget"}
         level_row = max(levels, key=rank)
         form = example_form(self.task)
