@@ -107,7 +107,8 @@ def cmd_search_subnetworks(args) -> None:
               "max_sparsity": args.max_sparsity, "drop_layers": args.drop_layers, "max_examples": args.max_examples,
               "skip_examples": args.skip_examples, "latency": args.latency, "batch_size": args.batch_size,
               "sequence_length": args.seq_len, "threads": args.threads, "latency_table": args.latency_table,
-              "out": args.out, "tracking": not args.no_tracking, "tracking_uri": args.tracking_uri}
+              "out": args.out, "tracking": not args.no_tracking, "tracking_uri": args.tracking_uri,
+              "workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "address": args.address}
     if args.objectives is not None:
         fields["objectives"] = [o.strip() for o in args.objectives.split(",") if o.strip()]
     if args.name is not None:
@@ -155,7 +156,14 @@ def cmd_bench(args) -> None:
 
 
 def cmd_search(args) -> None:
-    raysparse.run_search(_spec(args, raysparse.SearchSpec), resume=args.resume, address=args.address)
+    spec = raysparse.check_spec(args.spec, "search", budget=args.budget, overrides=args.set or [])
+    if isinstance(spec, raysparse.SubnetworkSearchSpec):   # kind: subnetworks, widths of one DS checkpoint
+        if args.resume:
+            raise RaysparseError("search --resume: a sub-network search does not resume (its candidates take seconds "
+                                 "each); run it again")
+        raysparse.search_subnetworks(spec.model_copy(update={"address": args.address or spec.address}))
+        return
+    raysparse.run_search(spec, resume=args.resume, address=args.address)
 
 
 def cmd_report(args) -> None:
@@ -311,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="the search's name (MLflow run, default output folder)")
     p.add_argument("--out", default=None, help="folder for subnetworks.json, the front and the plot "
                                                 "(default outputs/subnetworks/<name>)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="candidates as Ray Tune trials, N at a time, each actor loading the checkpoint once "
+                        "(default 0: all in this process, no Ray)")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs of each Tune actor (default 1)")
+    p.add_argument("--address", default=None, help="with --workers: Ray cluster address (default: RAY_ADDRESS or a "
+                                                   "local Ray)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI or the local one)")
     p.add_argument("--no-tracking", action="store_true", help="write the files only, no MLflow run")
 
@@ -329,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip resident memory (a fresh process per model)")
     p.add_argument("--csv", default=None, help="write one row per model, batch size and device")
     p.add_argument("--plot", default=None, help="write a PNG: latency per batch size, size against speedup")
-    p = sub.add_parser("search", help="Ray Tune + Optuna search over run specs; prints the Pareto front")
+    p = sub.add_parser("search", help="Ray Tune + Optuna search over run specs, or (kind: subnetworks) over the "
+                                      "sub-networks of one DS checkpoint; prints the Pareto front")
     p.add_argument("spec", help="YAML search spec (see experiments/searches/)")
     p.add_argument("--resume", action="store_true", help="continue a search whose driver died")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")

@@ -24,6 +24,7 @@ import yaml
 from raysparse.errors import RaysparseError, first_line
 
 Kind = Literal["run", "search"]
+SUBNETWORKS = "subnetworks"   # kind: of a sub-network search spec, which `raysparse search` runs
 SEARCH_KEYS = {"base", "space", "objectives", "num_samples", "max_concurrent", "sampler", "scheduler", "trials"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -36,25 +37,36 @@ class JobOutcome:
     message: str = ""
 
 
+def _fields(path: str | Path) -> dict:
+    """A spec file's top-level fields ({} where it cannot be read as a mapping: loading it says why)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def spec_kind(path: str | Path) -> Kind:
-    """A search spec has a base and a space (or a budget); anything else is a run spec."""
+    """A search spec has a base and a space (or a budget), or says ``kind: subnetworks``; anything else
+    is a run spec."""
     path = Path(path)
     if not path.is_file():
         raise RaysparseError(f"spec: {path} does not exist (expected a YAML file)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        data = {}   # load_spec reports the YAML error with its line
-    return "search" if isinstance(data, dict) and SEARCH_KEYS & set(data) else "run"
+    data = _fields(path)
+    return "search" if SEARCH_KEYS & set(data) or data.get("kind") == SUBNETWORKS else "run"
 
 
 def check_spec(path: str | Path, kind: Kind | None = None, budget: str | None = None, overrides: Sequence[str] = ()):
     """The validated spec, as the job will read it (named budget and ``--set`` overrides applied):
-    a RunSpec, or a SearchSpec with its space and objectives checked."""
+    a RunSpec, a SearchSpec with its space and objectives checked, or (``kind: subnetworks``) a
+    SubnetworkSearchSpec."""
     from raysparse.config import RunSpec, load_spec
     from raysparse.search.spec import SearchSpec, check_search
+    from raysparse.search.subnetworks import SubnetworkSearchSpec
 
     kind = kind or spec_kind(path)
+    if kind == "search" and _fields(path).get("kind") == SUBNETWORKS:
+        return load_spec(path, SubnetworkSearchSpec, budget=budget, overrides=list(overrides))
     spec = load_spec(path, SearchSpec if kind == "search" else RunSpec, budget=budget, overrides=list(overrides))
     if kind == "search":
         check_search(spec)
@@ -127,7 +139,7 @@ def submit(spec: str | Path, address: str | None = None, working_dir: str | Path
     kind = kind or spec_kind(path)
     checked = check_spec(path, kind, budget, overrides)
     base_env = runtime_env if isinstance(runtime_env, dict) else load_runtime_env(runtime_env)
-    configured = checked.tracking.uri
+    configured = checked.tracking_uri if hasattr(checked, "tracking_uri") else checked.tracking.uri
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not (configured or uri or (base_env.get("env_vars") or {}).get("MLFLOW_TRACKING_URI")):
         raise RaysparseError("tracking.uri: a job needs an MLflow server the cluster reaches (set tracking.uri in "

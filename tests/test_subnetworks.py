@@ -11,6 +11,7 @@ from transformers import BertConfig, BertModel
 import raysparse
 from raysparse.config import RunSpec, parse
 from raysparse.errors import RaysparseError
+from raysparse.search.subnetworks import SubnetworkSearchResult
 from raysparse.structure import (Encoder, Subnetwork, apply_mask, load_dynamic, measure, rewire, save_dynamic,
                                  save_pruned, shrink_subnetwork, structure_of, subnetwork_mask, subnetwork_slices)
 from raysparse.structure.subnetwork import Costs, read_subnetwork
@@ -298,6 +299,59 @@ def test_refining_adds_candidates_within_each_budget(per_layer_checkpoint, tmp_p
     with pytest.raises(RaysparseError) as info:
         raysparse.search_subnetworks(model_dir=str(folder), refine=2, latency="measured", tracking=False)
     assert one_line(info).startswith("search-subnetworks.refine: fills each candidate up to its budget")
+
+
+@pytest.mark.timeout(400)
+def test_candidates_run_as_tune_trials_and_score_as_the_in_process_loop(per_layer_checkpoint, ray_local, tmp_path):
+    """workers: every candidate a Tune trial on the session's three-node cluster, actors reused (each builds its
+    scorer once, from a copy shipped to its node), the same fixed candidates scored the same as in this process,
+    NSGA-II and refine proposing the rest."""
+    folder, _ = per_layer_checkpoint
+    common = {"model_dir": str(folder), "candidates": 8, "population": 3, "refine": 1, "seed": 1, "rounds": 2,
+              "latency_table": str(tmp_path / "tables"), "sequence_length": 16, "tracking": False, "verbose": False}
+    here = raysparse.search_subnetworks(**common, out=str(tmp_path / "here"))
+    tuned = raysparse.search_subnetworks(**common, out=str(tmp_path / "tune"), workers=2)
+    assert len(tuned.rows) == len(here.rows) == 8 + 3 and [r["trial"] for r in tuned.rows] == list(range(11))
+    keys = ["tatoeba/avg/accuracy", "tatoeba/worst/accuracy", "latency_ms", "params"]
+    for mine, theirs in zip(here.rows[:3], tuned.rows[:3]):   # the uniform levels, as fixed trials
+        assert theirs["suggested_by"] == mine["suggested_by"] == "uniform"
+        assert theirs["subnetwork"] == mine["subnetwork"] and theirs["uniform_level"] == mine["uniform_level"]
+        assert [theirs[k] for k in keys] == pytest.approx([mine[k] for k in keys])
+        assert tuned.examples[theirs["trial"]] == here.examples[mine["trial"]]
+    assert any(r["suggested_by"] == "nsga2" for r in tuned.rows[:8])
+    refined = tuned.rows[8:]
+    assert [r["suggested_by"] for r in refined] == ["refine"] * 3
+    assert [r["budget_ms"] for r in refined] == [r["budget_ms"] for r in here.rows[8:]]
+    assert all(r["latency_ms"] <= r["budget_ms"] * (1 + 1e-9) for r in refined)
+    actors = {r["actor"] for r in tuned.rows}
+    assert 1 <= len(actors) <= 2, "two actors at a time, each kept across trials (reuse_actors)"
+    assert [r["trial"] for r in SubnetworkSearchResult.read(tmp_path / "tune").front] == [r["trial"] for r in tuned.front]
+    with pytest.raises(RaysparseError) as info:   # refused before any cluster work
+        raysparse.search_subnetworks(model_dir=str(folder), workers=2, latency="measured", tracking=False)
+    assert one_line(info).startswith("search-subnetworks.workers: latency: measured times candidates one at a time")
+
+
+@pytest.mark.timeout(300)
+def test_raysparse_search_runs_a_subnetworks_spec(per_layer_checkpoint, tmp_path, capsys):
+    """`raysparse search SPEC` with kind: subnetworks is the sub-network search (and a job submits it as a search)."""
+    import yaml
+
+    from raysparse.cli import main
+    from raysparse.jobs import spec_kind
+
+    folder, _ = per_layer_checkpoint
+    path = tmp_path / "subnetworks.yaml"
+    path.write_text(yaml.safe_dump({"kind": "subnetworks", "name": "tiny-front", "model_dir": str(folder),
+                                    "candidates": 4, "population": 3, "rounds": 2, "sequence_length": 16,
+                                    "latency_table": str(tmp_path / "tables"), "out": str(tmp_path / "out"),
+                                    "tracking": False}))
+    assert spec_kind(path) == "search" and isinstance(raysparse.check_spec(path), raysparse.SubnetworkSearchSpec)
+    assert main(["search", str(path), "--set", "candidates=5"]) == 0
+    assert "search-subnetworks tiny-front: 5 candidates" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "out" / "subnetworks.json").read_text())["candidates"]) == 5
+    path.write_text(path.read_text() + "candidate: 3\n")
+    assert main(["search", str(path)]) == 2
+    assert "candidate" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def _search_of(rows: list[dict], examples: dict) -> "raysparse.SubnetworkSearchResult":

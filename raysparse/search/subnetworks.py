@@ -11,13 +11,16 @@ languages and on the worst language (max), latency (min; predicted by the per-la
 :class:`~raysparse.efficiency.LatencyTable`, or timed directly with ``latency: measured``), and
 parameters, bytes or FLOPs (min; counted exactly from the widths).
 
-The loop runs in one process (Optuna's ask and tell): a candidate costs one evaluation, seconds, so
-Ray Tune trials would spend more on starting actors, loading the checkpoint once per worker and
-reporting than on the work. Every candidate is one row of a table: ``subnetworks.json`` (with each
-configuration, what ``raysparse shrink MODEL_DIR --config subnetworks.json --trial N`` reads),
-``candidates.csv``, the Pareto front (``pareto.txt``, one point file per front member under
-``points/``) and a plot; with tracking on, one MLflow run (tag ``raysparse.kind=subnetwork-search``)
-holds them as artifacts under ``search/``, beside each objective as a metric over the trial number.
+Candidates run in this process (Optuna's ask and tell; ``workers: 0``, the default), or as Ray Tune
+trials, ``workers`` at a time on a local Ray or a cluster (:mod:`raysparse.search.subnetwork_trials`):
+a candidate costs one evaluation, seconds, so one process is the cheapest on one machine, and Tune
+spreads the same candidates over a cluster's workers. Every candidate is one row of a table:
+``subnetworks.json`` (with each configuration, what ``raysparse shrink MODEL_DIR --config
+subnetworks.json --trial N`` reads), ``candidates.csv``, the Pareto front (``pareto.txt``, one point
+file per front member under ``points/``) and a plot; with tracking on, one MLflow run (tag
+``raysparse.kind=subnetwork-search``) holds them as artifacts under ``search/``, beside each objective
+as a metric over the trial number. What a candidate is and how it is scored:
+:mod:`raysparse.search.subnetwork_candidates`.
 
 Two additions serve a user with a latency budget: ``refine`` spends more candidates at each budget (an
 evolutionary search under a latency constraint from the best point within it: :func:`refine_candidate`),
@@ -29,74 +32,21 @@ hundreds of noisy averages is biased upwards.
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
-import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
 
-from pydantic import Field
-
-from raysparse.config import Strict, parse
+from raysparse.config import parse
 from raysparse.errors import RaysparseError
 from raysparse.metric_keys import avg_key, worst_key
 from raysparse.search.pareto import format_table, pareto_front
-
-OBJECTIVE_MODES = {"avg": "max", "worst": "max", "latency": "min", "params": "min", "bytes": "min", "flops": "min"}
-LATENCY, PARAMS, BYTES, FLOPS = "latency_ms", "params", "bytes", "flops"
-SEARCH_FILE, EXAMPLES_FILE = "subnetworks.json", "examples.json"
-KIND = "subnetwork-search"
-
-
-class SubnetworkSearchSpec(Strict):
-    """What a sub-network search scores and how (``raysparse search-subnetworks MODEL_DIR``'s flags)."""
-
-    name: str = "subnetworks"
-    model_dir: str                              # a DS checkpoint folder (pruning.schedule: dynamic writes one)
-    task: str | None = None                     # default: the task the checkpoint was trained on
-    languages: list[str] | None = Field(None, min_length=1)   # default: the checkpoint's run's, else all present
-    data_dir: str | None = None                 # default: $RAYSPARSE_DATA
-    candidates: int = Field(200, ge=1)          # sub-networks scored (uniform levels included)
-    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
-    population: int | None = Field(None, ge=2)  # NSGA-II's population / TPE's random start (default n/8, 10..50)
-    seed: int = 0
-    objectives: list[Literal["avg", "worst", "latency", "params", "bytes", "flops"]] = Field(
-        default_factory=lambda: ["avg", "worst", "latency"], min_length=1)
-    uniform_levels: bool = True                 # score the checkpoint's grid levels first, as fixed trials
-    spread_start: bool = True                   # the rest of the first generation spans the latency range (spread_start)
-    # after the search, this many more candidates per latency budget, each a mutation of the best point within it
-    # (units moved between layers, then filled up to the budget): an evolutionary search under a latency
-    # constraint (as HAT's and Once-for-All's), where the multi-objective search leaves a budget thinly covered
-    refine: int = Field(0, ge=0)
-    budgets_ms: list[float] | None = Field(None, min_length=1)   # refine's budgets (default: the uniform levels')
-    # fewest units per layer: ceil((1-s)N); default: the checkpoint's per-layer floor (dynamic.per_layer_max_sparsity,
-    # else its grid's top)
-    max_sparsity: float | None = Field(None, ge=0, lt=1)
-    drop_layers: int | None = Field(None, ge=0)  # layers a candidate may drop (default: the checkpoint's drop_layers_max)
-    # held-out rows scored per candidate; None: as the checkpoint's run evaluated (seed, split, rows; 100 rows
-    # where it scored every row)
-    max_examples: int | None = Field(None, ge=1)
-    skip_examples: int | None = Field(None, ge=0)
-    eval_seed: int | None = None
-    train_fraction: float | None = Field(None, gt=0, lt=1)
-    eval_batch_size: int = Field(32, ge=1)
-    max_length: int | None = Field(None, ge=8)
-    # latency: the per-layer table's prediction (fast), or each candidate timed directly (exact, slower)
-    latency: Literal["predicted", "measured"] = "predicted"
-    batch_size: int = Field(1, ge=1)
-    sequence_length: int = Field(128, ge=1)
-    threads: int | None = Field(None, ge=1)
-    latency_table: str | None = None            # table cache: a folder or a JSON file (default: the user cache)
-    rounds: int = Field(10, ge=1)               # timing rounds (table building, measured latency)
-    out: str | None = None                      # default: outputs/subnetworks/<name>
-    tracking: bool = True                       # log to MLflow (one run; the table and front as artifacts)
-    tracking_uri: str | None = None             # default: MLFLOW_TRACKING_URI or the local server
-    experiment: str = "raysparse"
+from raysparse.search.subnetwork_candidates import (BYTES, EXAMPLES_FILE, FLOPS, KIND, LATENCY, OBJECTIVE_MODES, PARAMS,
+                                                    SEARCH_FILE, CandidateScorer, Refiner, SubnetworkSearchSpec,
+                                                    fixed_params, suggest, refine_candidate, spread_start, uniform_levels)
+from raysparse.search.subnetwork_trials import on_ray
 
 
 @dataclass
@@ -203,297 +153,62 @@ class SubnetworkSearchResult:
                 f"--out {out}")
 
 
-def _checkpoint(spec: SubnetworkSearchSpec) -> tuple[dict, dict]:
-    """(the DS record, the sidecar extra) of the checkpoint, or one line saying why it is none."""
-    from raysparse.structure.checkpoint import read_sidecar
-
-    folder = Path(spec.model_dir)
-    if not folder.is_dir():
-        raise RaysparseError(f"search-subnetworks.model_dir: {folder} does not exist (expected a Dynamic "
-                             "Sparsification checkpoint folder)")
-    if not (folder / "raysparse.json").is_file():
-        raise RaysparseError(f"search-subnetworks.model_dir: {folder / 'raysparse.json'} is missing (expected a "
-                             "Dynamic Sparsification checkpoint: a run's model/dynamic artifact)")
-    extra = read_sidecar(folder).get("extra", {}) or {}
-    info = extra.get("dynamic")
-    if not info or not info.get("rewired"):
-        raise RaysparseError(f"search-subnetworks.model_dir: {folder} is not a Dynamic Sparsification checkpoint "
-                             "(its raysparse.json records no rewiring; run a spec with pruning.schedule: dynamic)")
-    if "subnetwork" in info or "sparsity" in info:
-        raise RaysparseError(f"search-subnetworks.model_dir: {folder} is a sub-network already sliced from a "
-                             "checkpoint (search the full checkpoint it came from)")
-    return info, extra
-
-
-def _bounds(model, info: dict, spec: SubnetworkSearchSpec) -> tuple[int, int, int, float]:
-    """(fewest heads, fewest neurons per layer, layers a candidate may drop, the sparsity those counts stand for)."""
-    from raysparse.structure import Encoder, structure_of
-    from raysparse.structure.rewire import prefix_counts
-
-    enc = Encoder(model)
-    num_layers, num_heads, ffn = structure_of(model).shape
-    # default: the fewest units per layer the super-network trained (its per-layer floor, else its grid's top)
-    top = spec.max_sparsity if spec.max_sparsity is not None else \
-        info.get("per_layer_max_sparsity") or max(info.get("grid") or [0.9])
-    heads, neurons = prefix_counts(top, num_heads, ffn, enc.hidden_size, enc.head_dim,
-                                   bool(info.get("match_sparsity", False)))
-    drop = spec.drop_layers if spec.drop_layers is not None else int(info.get("drop_layers_max", 0))
-    if drop >= num_layers:
-        raise RaysparseError(f"search-subnetworks.drop_layers: {drop} would leave no layer of this {num_layers}-layer "
-                             f"model (expected at most {num_layers - 1})")
-    return max(1, heads), max(1, neurons), drop, top
-
-
-def _suggest(trial, shape: tuple[int, int, int], low_heads: int, low_neurons: int, drop: int):
-    """A candidate from an Optuna trial: heads and neurons per layer, and the layers it drops (the first
-    ``drop_count`` of the ``drop_<j>`` picks; the same pick twice drops one layer)."""
-    from raysparse.structure import Subnetwork
-
-    num_layers, num_heads, ffn = shape
-    heads = [trial.suggest_int(f"heads_{i}", low_heads, num_heads) for i in range(num_layers)]
-    neurons = [trial.suggest_int(f"neurons_{i}", low_neurons, ffn) for i in range(num_layers)]
-    dropped: set[int] = set()
-    if drop:
-        count = trial.suggest_int("drop_count", 0, drop)
-        picks = [trial.suggest_int(f"drop_{j}", 0, num_layers - 1) for j in range(drop)]
-        dropped = set(picks[:count])
-    return Subnetwork(heads, neurons, [i for i in range(num_layers) if i not in dropped])
-
-
-SPREAD = 0.25   # how far a start candidate's layers stray from its width (a fraction of the range)
-
-
-def spread_start(shape: tuple[int, int, int], low_heads: int, low_neurons: int, count: int, seed: int = 0) -> list:
-    """``count`` sub-networks for the search's first generation, spread over the whole latency range.
-
-    Independent per-layer draws average out: 24 uniform widths land near the middle of the range
-    almost always, so a search started from them never sees the cheap end (nor the costly one) and
-    its front cannot reach the sparse uniform levels. Candidate ``k`` here takes a width ``t``
-    stratified over [0, 1] (0: the fewest units, 1: all of them) and every layer a width near it
-    (``t`` plus a normal deviation of ``SPREAD``, clipped): non-uniform, at every cost.
-    """
-    import numpy as np
-
-    from raysparse.structure import Subnetwork
-    from raysparse.structure.subnetwork import widths_near
-
-    num_layers, num_heads, ffn = shape
-    rng = np.random.default_rng([seed, 17])
-    subs = []
-    for k in range(count):
-        width = (k + rng.random()) / count
-        subs.append(Subnetwork(widths_near(width, low_heads, num_heads, rng.normal(0.0, SPREAD, num_layers)),
-                               widths_near(width, low_neurons, ffn, rng.normal(0.0, SPREAD, num_layers)),
-                               list(range(num_layers))))
-    return subs
-
-
-def refine_candidate(parent, shape: tuple[int, int, int], low_heads: int, low_neurons: int, budget: float,
-                     predict, rng) -> object:
-    """A mutation of ``parent`` within ``budget`` (ms, as ``predict((heads, neurons))`` gives it): one to
-    three moves of heads or neurons from one kept layer to another, then units taken from random layers
-    while it costs more than the budget, and added to random layers while that still fits (a candidate
-    that leaves budget unused wastes it). Kept layers stay as in the parent; without a parent, the
-    uniform floor is filled up. Pure given ``rng`` (a ``random.Random``)."""
-    from raysparse.structure import Subnetwork
-
-    num_layers, num_heads, ffn = shape
-    if parent is None:
-        parent = Subnetwork([low_heads] * num_layers, [low_neurons] * num_layers)
-    heads, neurons, kept = list(parent.heads), list(parent.neurons), list(parent.kept_layers)
-    kinds = [(heads, low_heads, num_heads, 1), (neurons, low_neurons, ffn, max(1, ffn // 16))]
-
-    def cost() -> float:
-        return predict(([heads[i] for i in kept], [neurons[i] for i in kept]))
-
-    for _ in range(rng.randint(1, 3) if len(kept) > 1 else 0):
-        counts, low, high, chunk = rng.choice(kinds)
-        give, take = rng.sample(kept, 2)
-        move = min(rng.randint(1, 2 * chunk), counts[take] - low, high - counts[give])
-        if move > 0:
-            counts[give] += move
-            counts[take] -= move
-    for _ in range(4 * len(kept) * (num_heads + 16)):   # over budget: trim
-        if cost() <= budget:
-            break
-        counts, low, high, chunk = rng.choice(kinds)
-        layer = rng.choice([i for i in kept if counts[i] > low] or kept)
-        counts[layer] = max(low, counts[layer] - chunk)
-    misses = 0
-    while misses < 8:                                  # under budget: fill
-        counts, low, high, chunk = rng.choice(kinds)
-        layer = rng.choice(kept)
-        before = counts[layer]
-        counts[layer] = min(high, before + chunk)
-        if counts[layer] == before or cost() > budget:
-            counts[layer] = before
-            misses += 1
-    return Subnetwork(heads, neurons, parent.layers)
-
-
-def _fixed_params(sub, drop: int) -> dict:
-    params = {**{f"heads_{i}": h for i, h in enumerate(sub.heads)}, **{f"neurons_{i}": n for i, n in enumerate(sub.neurons)}}
-    if drop:
-        params.update({"drop_count": 0, **{f"drop_{j}": 0 for j in range(drop)}})
-    return params
-
-
 def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose: bool = True,
                        **fields) -> SubnetworkSearchResult:
     """Search the sub-networks of one DS checkpoint (module docstring); ``spec`` or its fields as keywords
     (``search_subnetworks(model_dir="ds", candidates=50)``). Returns every candidate and the Pareto front."""
-    import optuna
-
-    from raysparse.data.tasks import get_task
-    from raysparse.models.sources import load_tokenizer
-    from raysparse.paths import data_dir as resolve_data_dir
-    from raysparse.search.samplers import SUGGESTED_BY, make_sampler
-    from raysparse.structure import load_dynamic, structure_of, subnetwork_slices
-    from raysparse.structure.subnetwork import Costs, Subnetwork
-    from raysparse.training.evaluate import check_head, evaluate
+    from raysparse.structure.subnetwork import Subnetwork
 
     data = spec.model_dump() if isinstance(spec, SubnetworkSearchSpec) else dict(spec or {})
     spec = parse(SubnetworkSearchSpec, {**data, **fields})
     started = time.time()
-    info, extra = _checkpoint(spec)
-    recorded = extra.get("evaluation") or {}
-    task = get_task(spec.task or extra.get("task") or _missing_task(spec))
-    metric = task.primary_metric
-    resolve_data_dir(spec.data_dir)
-    languages = spec.languages or recorded.get("languages")
-    evaluation = {"max_examples": spec.max_examples or recorded.get("max_examples") or 100,
-                  "skip_examples": spec.skip_examples if spec.skip_examples is not None
-                  else int(recorded.get("skip_examples") or 0),
-                  "seed": spec.eval_seed if spec.eval_seed is not None else int(recorded.get("seed", 0)),
-                  "train_fraction": spec.train_fraction or float(recorded.get("train_fraction", 0.5))}
-    folder = Path(spec.model_dir)
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise RaysparseError(f"search-subnetworks.model_dir: {folder} holds no tokenizer (expected the checkpoint "
-                             "folder a DS run logs, tokenizer included)")
-    model = load_dynamic(folder).eval()
-    check_head(model, task)
-    tokenizer = load_tokenizer(str(folder))
-    shape = structure_of(model).shape
-    low_heads, low_neurons, drop, top = _bounds(model, info, spec)
-    costs = Costs.of(model)
-    objectives = [(_objective_key(name, task.name, metric), OBJECTIVE_MODES[name]) for name in spec.objectives]
-    out_dir = Path(spec.out or Path("outputs") / "subnetworks" / spec.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     if spec.refine and spec.latency != "predicted":
         raise RaysparseError("search-subnetworks.refine: fills each candidate up to its budget by the latency table "
                              "(expected latency: predicted)")
+    if spec.workers > 1 and spec.latency == "measured":
+        raise RaysparseError("search-subnetworks.workers: latency: measured times candidates one at a time, side by "
+                             "side they would slow each other (expected workers 0 or 1, or latency: predicted)")
+    if spec.workers:
+        from raysparse.runner import check_cluster
+
+        check_cluster(spec.address, spec.cpus_per_worker, 0, "search-subnetworks.cpus_per_worker",
+                      f"a candidate's actor ({spec.cpus_per_worker:g} CPUs)")
+    scorer = CandidateScorer(spec)
+    info, task, metric, shape = scorer.info, scorer.task, scorer.metric, scorer.shape
+    low_heads, low_neurons, drop, top = scorer.bounds
     if spec.refine and not spec.budgets_ms and not (spec.uniform_levels and info.get("grid")):
         raise RaysparseError("search-subnetworks.budgets_ms: refine needs budgets (expected budgets_ms, or the "
                              "checkpoint's uniform levels with uniform_levels on)")
-    table = None
-    time_candidate = None
-    if spec.latency == "predicted":
-        from raysparse.efficiency import LatencyTable
-        from raysparse.structure import Encoder
-
-        table = LatencyTable.cached(Encoder(model).base, spec.batch_size, spec.sequence_length, threads=spec.threads,
-                                    cache=spec.latency_table, rounds=spec.rounds)
-    else:
-        time_candidate = _timer(model, spec)
-
-    def score(sub: Subnetwork) -> dict:
-        began = time.perf_counter()
-        with subnetwork_slices(model, sub):
-            result = evaluate(model, tokenizer, task, languages, data_dir=spec.data_dir,
-                              max_examples=evaluation["max_examples"], skip_examples=evaluation["skip_examples"],
-                              batch_size=spec.eval_batch_size, seed=evaluation["seed"],
-                              train_fraction=evaluation["train_fraction"],
-                              max_length=spec.max_length or recorded.get("max_length"),
-                              stride=int(recorded.get("stride") or 128), verbose=False)
-        row = {k: v for k, v in result.metrics.items() if k.startswith(f"{task.name}/")}
-        examples[sub.key()] = result.example_stats
-        heads, neurons = sub.counts()
-        row.update({"layers": len(heads), "heads": sum(heads), "neurons": sum(neurons),
-                    "encoder_sparsity": costs.encoder_sparsity(sub), PARAMS: costs.params(sub),
-                    BYTES: costs.bytes(sub), FLOPS: costs.flops(sub, spec.sequence_length),
-                    "eval_seconds": time.perf_counter() - began})
-        row[LATENCY] = table.predict((heads, neurons)) if table is not None else time_candidate(sub)
-        return row
-
-    levels = uniform_levels(model, info.get("grid") or [], low_heads, low_neurons) if spec.uniform_levels else []
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    objectives = [(_objective_key(name, task.name, metric), OBJECTIVE_MODES[name]) for name in spec.objectives]
+    out_dir = Path(spec.out or Path("outputs") / "subnetworks" / spec.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    levels = uniform_levels(scorer.model, info.get("grid") or [], low_heads, low_neurons) if spec.uniform_levels else []
     population = spec.population or max(10, min(50, spec.candidates // 8))
-    sampler = make_sampler(SimpleNamespace(sampler=spec.sampler, seed=spec.seed, startup_trials=population,
-                                           num_samples=spec.candidates), multi=len(objectives) > 1)
-    study = optuna.create_study(directions=["maximize" if mode == "max" else "minimize" for _, mode in objectives],
-                                sampler=sampler)
     starts = [sub for _, sub in levels]
     if spec.spread_start:
         starts += spread_start(shape, low_heads, low_neurons, max(0, population - len(levels)), spec.seed)
-    for sub in starts[:spec.candidates]:
-        study.enqueue_trial(_fixed_params(sub, drop))
-    uniform = {sub.key(): level for level, sub in levels}
-    seen: dict[str, dict] = {}
-    examples: dict[str, dict] = {}
-    rows: list[dict] = []
+    plan = _Plan(spec, scorer, objectives, population, starts[:spec.candidates], {sub.key(): lv for lv, sub in levels},
+                 spec.budgets_ms or [scorer.table.predict(sub.counts()) for _, sub in levels] if spec.refine else [])
     if verbose:
-        print(f"search-subnetworks {spec.name}: {spec.candidates} candidates of {folder} ({shape[0]} layers x "
+        print(f"search-subnetworks {spec.name}: {spec.candidates} candidates of {spec.model_dir} ({shape[0]} layers x "
               f"{shape[1]} heads x {shape[2]} neurons; per layer {low_heads}..{shape[1]} heads, {low_neurons}.."
               f"{shape[2]} neurons{f', up to {drop} layers dropped' if drop else ''}), {spec.sampler}; {task.name} "
-              f"{metric} on {', '.join(languages or ['every language'])}, {evaluation['max_examples']} rows each "
-              f"from row {evaluation['skip_examples']}; latency {spec.latency}", flush=True)
-    for number in range(spec.candidates):
-        trial = study.ask()
-        sub = _suggest(trial, shape, low_heads, low_neurons, drop)
-        repeat = sub.key() in seen
-        values = dict(seen[sub.key()]) if repeat else score(sub)
-        seen.setdefault(sub.key(), values)
-        study.tell(trial, [values[key] for key, _ in objectives])
-        attrs = study._storage.get_trial(trial._trial_id).system_attrs
-        suggested = ("uniform" if sub.key() in uniform else "spread") if "fixed_params" in attrs \
-            else attrs.get(SUGGESTED_BY, "random")
-        row = {"trial": number, "suggested_by": suggested, "uniform_level": uniform.get(sub.key()),
-               "repeat": repeat, **values, "subnetwork": sub.to_dict()}
-        rows.append(row)
-        if verbose:
-            shown = "  ".join(f"{key.split('/')[-2] if '/' in key else key} {_cell(row[key])}" for key, _ in objectives)
-            print(f"[{number + 1}/{spec.candidates}] {suggested:7} {shown}  "
-                  f"({row['eval_seconds']:.1f}s{', repeat' if repeat else ''})", flush=True)
-
-    if spec.refine:
-        budgets = spec.budgets_ms or [table.predict(sub.counts()) for _, sub in levels]
-        quality = avg_key(task.name, metric)
-        for budget in budgets:
-            fitting = [r for r in rows if r[LATENCY] <= budget * (1 + 1e-9)]
-            best = max(fitting, key=lambda r: r[quality]) if fitting else None
-            rng = random.Random(f"{spec.seed}/{budget:.6f}")
-            for _ in range(spec.refine):
-                parent = Subnetwork.from_dict(best["subnetwork"]) if best else None
-                sub = None
-                for _attempt in range(10):   # a fresh configuration, if ten draws find one
-                    sub = refine_candidate(parent, shape, low_heads, low_neurons, budget, table.predict, rng)
-                    if sub.key() not in seen:
-                        break
-                repeat = sub.key() in seen
-                values = dict(seen[sub.key()]) if repeat else score(sub)
-                seen.setdefault(sub.key(), values)
-                row = {"trial": len(rows), "suggested_by": "refine", "uniform_level": uniform.get(sub.key()),
-                       "repeat": repeat, **values, "subnetwork": sub.to_dict(), "budget_ms": budget}
-                rows.append(row)
-                if not repeat and row[LATENCY] <= budget * (1 + 1e-9) and (best is None or row[quality] > best[quality]):
-                    best = row
-                if verbose:
-                    print(f"[refine {budget:.2f} ms] trial {row['trial']}  avg {_cell(row[quality])}  latency "
-                          f"{_cell(row[LATENCY])}  (best {_cell(best[quality])}{', repeat' if repeat else ''})",
-                          flush=True)
+              f"{metric} on {', '.join(scorer.languages or ['every language'])}, {scorer.evaluation['max_examples']} "
+              f"rows each from row {scorer.evaluation['skip_examples']}; latency {spec.latency}; "
+              f"{f'{spec.workers} Tune trials at a time' if spec.workers else 'in this process'}", flush=True)
+    rows, examples = (on_ray if spec.workers else _in_process)(plan, verbose)
 
     keys, modes = [key for key, _ in objectives], [mode for _, mode in objectives]
     front = pareto_front([r for r in rows if not r["repeat"]], keys, modes)
     columns = ["trial", "suggested_by", "uniform_level", "layers", "heads", "neurons", "encoder_sparsity",
                *dict.fromkeys([*keys, avg_key(task.name, metric), worst_key(task.name, metric), LATENCY, PARAMS])]
-    result = SubnetworkSearchResult(spec.name, str(folder), task.name, metric, objectives, rows, front, out_dir,
-                                    columns=columns, table_summary=table.summary() if table is not None else "",
+    result = SubnetworkSearchResult(spec.name, spec.model_dir, task.name, metric, objectives, rows, front, out_dir,
+                                    columns=columns,
+                                    table_summary=scorer.table.summary() if scorer.table is not None else "",
                                     examples={r["trial"]: examples[Subnetwork.from_dict(r["subnetwork"]).key()]
                                               for r in rows if not r["repeat"]})
     result.seconds = time.time() - started
-    _write(result, spec, shape, evaluation, languages, (low_heads, low_neurons, drop, top))
+    _write(result, spec, shape, scorer.evaluation, scorer.languages, scorer.bounds)
     if spec.tracking:
         _track(result, spec)
     if verbose:
@@ -504,25 +219,98 @@ def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose:
     return result
 
 
-def uniform_levels(model, grid: list[float], low_heads: int = 1, low_neurons: int = 1) -> list[tuple[float, object]]:
-    """(level, Subnetwork) of every level of ``grid`` on a DS model (the counts its prefix mask keeps),
-    those inside the search's bounds."""
-    from raysparse.structure import Encoder, Subnetwork, structure_of
-    from raysparse.structure.rewire import dynamic_info, prefix_counts
+@dataclass
+class _Plan:
+    """What both executors run: the search's first candidates (fixed), the sampler, refine's budgets."""
 
-    enc = Encoder(model)
-    num_layers, num_heads, ffn = structure_of(model).shape
-    match = bool((dynamic_info(model) or {}).get("match_sparsity", False))
-    levels = []
-    for level in grid:
-        heads, neurons = prefix_counts(level, num_heads, ffn, enc.hidden_size, enc.head_dim, match)
-        if heads >= low_heads and neurons >= low_neurons:
-            levels.append((float(level), Subnetwork.uniform(num_layers, heads, neurons)))
-    return levels
+    spec: SubnetworkSearchSpec
+    scorer: CandidateScorer
+    objectives: list[tuple[str, str]]
+    population: int
+    starts: list
+    uniform: dict[str, float]   # configuration key -> its uniform level
+    budgets: list[float]
+
+    def sampler(self):
+        from raysparse.search.samplers import make_sampler
+
+        return make_sampler(SimpleNamespace(sampler=self.spec.sampler, seed=self.spec.seed,
+                                            startup_trials=self.population, num_samples=self.spec.candidates),
+                            multi=len(self.objectives) > 1)
+
+    def fixed(self) -> list[dict]:
+        return [fixed_params(sub, self.scorer.bounds[2]) for sub in self.starts]
+
+    def mark(self, sub, attrs: dict) -> str:
+        """Who suggested a trial: ``uniform`` or ``spread`` (fixed), ``random`` or the sampler's name."""
+        from raysparse.search.samplers import SUGGESTED_BY
+
+        if "fixed_params" in attrs:
+            return "uniform" if sub.key() in self.uniform else "spread"
+        return attrs.get(SUGGESTED_BY, "random")
+
+    def row(self, number: int, suggested: str, sub, values: dict, repeat: bool, budget: float | None = None) -> dict:
+        row = {"trial": number, "suggested_by": suggested, "uniform_level": self.uniform.get(sub.key()),
+               "repeat": repeat, **values, "subnetwork": sub.to_dict()}
+        if budget is not None:
+            row["budget_ms"] = budget
+        return row
+
+    def refiner(self, rows: list[dict]) -> Refiner:
+        scorer = self.scorer
+        return Refiner(rows, self.budgets, self.spec.refine, scorer.shape, *scorer.bounds[:2], scorer.table.predict,
+                       avg_key(scorer.task.name, scorer.metric), self.spec.seed)
+
+    def show(self, row: dict, total: int) -> None:
+        quality, shown = avg_key(self.scorer.task.name, self.scorer.metric), ""
+        if row.get("budget_ms") is not None:
+            shown = f"refine {row['budget_ms']:.2f} ms  avg {_cell(row[quality])}  latency {_cell(row[LATENCY])}"
+        else:
+            shown = f"{row['suggested_by']:7} " + "  ".join(
+                f"{key.split('/')[-2] if '/' in key else key} {_cell(row[key])}" for key, _ in self.objectives)
+        print(f"[{row['trial'] + 1}/{total}] {shown}  ({row['eval_seconds']:.1f}s{', repeat' if row['repeat'] else ''})",
+              flush=True)
 
 
-def _missing_task(spec: SubnetworkSearchSpec) -> str:
-    raise RaysparseError(f"search-subnetworks.task: {spec.model_dir} records no task; name one (e.g. --task tatoeba)")
+def _in_process(plan: _Plan, verbose: bool) -> tuple[list[dict], dict]:
+    """Optuna's ask and tell in this process, then refine's candidates: (rows, examples by configuration)."""
+    import optuna
+
+    spec, scorer = plan.spec, plan.scorer
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize" if mode == "max" else "minimize" for _, mode in plan.objectives],
+                                sampler=plan.sampler())
+    for params in plan.fixed():
+        study.enqueue_trial(params)
+    seen: dict[str, dict] = {}
+    examples: dict[str, dict] = {}
+    rows: list[dict] = []
+    total = spec.candidates + len(plan.budgets) * spec.refine
+
+    def scored(sub) -> tuple[dict, bool]:
+        repeat = sub.key() in seen
+        if not repeat:
+            seen[sub.key()], examples[sub.key()] = scorer.score(sub)
+        return dict(seen[sub.key()]), repeat
+
+    for number in range(spec.candidates):
+        trial = study.ask()
+        sub = suggest(trial, scorer.shape, *scorer.bounds[:3])
+        values, repeat = scored(sub)
+        study.tell(trial, [values[key] for key, _ in plan.objectives])
+        rows.append(plan.row(number, plan.mark(sub, study._storage.get_trial(trial._trial_id).system_attrs), sub,
+                             values, repeat))
+        if verbose:
+            plan.show(rows[-1], total)
+    refiner = plan.refiner(rows)
+    while (proposal := refiner.propose()) is not None:
+        budget, sub, _ = proposal
+        values, repeat = scored(sub)
+        rows.append(plan.row(len(rows), "refine", sub, values, repeat, budget))
+        refiner.tell(rows[-1])
+        if verbose:
+            plan.show(rows[-1], total)
+    return rows, examples
 
 
 def _objective_key(name: str, task: str, metric: str) -> str:
@@ -532,26 +320,6 @@ def _objective_key(name: str, task: str, metric: str) -> str:
 
 def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _timer(model, spec: SubnetworkSearchSpec):
-    """``latency: measured``: each candidate sliced physically (a copy whose embeddings are the
-    checkpoint's) and timed directly at the search's batch size, sequence length and threads."""
-    from raysparse.efficiency import fixed_threads
-    from raysparse.efficiency.latency import time_rounds
-    from raysparse.structure import Encoder, shrink_subnetwork
-
-    base = Encoder(model).base
-    embeddings = Encoder(base).embeddings
-
-    def measure(sub) -> float:
-        small = shrink_subnetwork(copy.deepcopy(base, {id(embeddings): embeddings}), sub).eval()
-        with fixed_threads(spec.threads):
-            times = time_rounds({"candidate": small}, spec.batch_size, spec.sequence_length, spec.rounds,
-                                warmup=2)
-        return statistics.median(times["candidate"])
-
-    return measure
 
 
 def _write(result: SubnetworkSearchResult, spec: SubnetworkSearchSpec, shape, evaluation: dict, languages,
@@ -659,5 +427,5 @@ def _track(result: SubnetworkSearchResult, spec: SubnetworkSearchSpec) -> None:
     result.run_id, result.tracking_uri = run_id, uri
 
 
-__all__ = ["SubnetworkSearchResult", "SubnetworkSearchSpec", "refine_candidate", "search_subnetworks",
-           "subnetwork_plot", "uniform_levels"]
+__all__ = ["CandidateScorer", "Refiner", "SubnetworkSearchResult", "SubnetworkSearchSpec", "refine_candidate",
+           "search_subnetworks", "spread_start", "subnetwork_plot", "uniform_levels"]
