@@ -48,7 +48,8 @@ def meets(r: dict) -> bool:
 
 def run_spec(args, algorithm: str, distill: bool, out: Path, tracking_uri: str) -> dict:
     return {
-        "name": f"qpc-{algorithm}-{('distill+hidden' if args.hidden else 'distill') if distill else 'plain'}",
+        "name": f"qpc-{algorithm}-{('distill+hidden' if args.hidden else 'distill') if distill else 'plain'}"
+                f"{'+lstune' if args.mask_tuning else ''}",
         "seed": args.seed,
         "data": {"task": "tatoeba", "languages": args.languages.split(",") if args.languages else None,
                  "max_train_examples": args.train_examples, "max_eval_examples": args.eval_examples,
@@ -57,7 +58,7 @@ def run_spec(args, algorithm: str, distill: bool, out: Path, tracking_uri: str) 
                      "learning_rate": args.learning_rate},
         "pruning": {"algorithm": algorithm, "sparsity": args.sparsity, "scoring_examples": args.scoring_examples,
                     "scoring_languages": args.scoring_languages.split(",") if args.scoring_languages else None,
-                    "options": OPTIONS.get(algorithm, {})},
+                    "options": OPTIONS.get(algorithm, {}), "mask_tuning": {"enabled": args.mask_tuning}},
         "recovery": {"steps": args.recovery_steps, "learning_rate": args.learning_rate,
                      "distillation": {"enabled": distill, "alpha": 0.5, "temperature": 2.0,
                                       "hidden": args.hidden}},
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--distill", choices=("both", "on", "off"), default="both")
     parser.add_argument("--hidden", action=argparse.BooleanOptionalAction, default=True,
                         help="distillation also matches hidden states (MSE); --no-hidden: logits/similarities only")
+    parser.add_argument("--mask-tuning", action=argparse.BooleanOptionalAction, default=False,
+                        help="least-squares rescaling of the kept units before recovery (pruning.mask_tuning)")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--languages", default=None, help="Tatoeba languages (default: every one present)")
     parser.add_argument("--eval-examples", type=int, default=100, help="Tatoeba pairs per language")
