@@ -329,6 +329,9 @@ def test_candidates_run_as_tune_trials_and_score_as_the_in_process_loop(per_laye
     with pytest.raises(RaysparseError) as info:   # refused before any cluster work
         raysparse.search_subnetworks(model_dir=str(folder), workers=2, latency="measured", tracking=False)
     assert one_line(info).startswith("search-subnetworks.workers: latency: measured times candidates one at a time")
+    with pytest.raises(RaysparseError) as info:
+        raysparse.search_subnetworks(model_dir=str(folder), address="127.0.0.1:1", tracking=False)
+    assert one_line(info).startswith("search-subnetworks.address: a cluster runs the candidates as Tune trials")
 
 
 @pytest.mark.timeout(300)

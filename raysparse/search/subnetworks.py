@@ -168,6 +168,9 @@ def search_subnetworks(spec: SubnetworkSearchSpec | dict | None = None, verbose:
     if spec.workers > 1 and spec.latency == "measured":
         raise RaysparseError("search-subnetworks.workers: latency: measured times candidates one at a time, side by "
                              "side they would slow each other (expected workers 0 or 1, or latency: predicted)")
+    if spec.address and not spec.workers:
+        raise RaysparseError("search-subnetworks.address: a cluster runs the candidates as Tune trials (expected "
+                             "workers >= 1 with an address; workers 0 scores them in this process)")
     if spec.workers:
         from raysparse.runner import check_cluster
 
