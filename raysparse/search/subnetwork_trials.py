@@ -11,6 +11,8 @@ which writes and logs the search as the in-process loop does.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from raysparse.errors import RaysparseError
@@ -67,9 +69,6 @@ def on_ray(plan, verbose: bool) -> tuple[list[dict], dict]:
 def _fit(trainable, searcher, count: int, spec: SubnetworkSearchSpec) -> list[dict]:
     """Run ``count`` Tune trials from ``searcher``; each one's metrics, in the order it suggested them. Tune's
     experiment folder is temporary: the rows come back here, no trial has anything else to keep."""
-    import shutil
-    import tempfile
-
     from ray import tune
 
     from raysparse.errors import last_line
@@ -158,9 +157,6 @@ def _trainable(spec: SubnetworkSearchSpec, table, shipped: list):
 
     class CandidateTrial(tune.Trainable):
         def setup(self, config, spec: dict, table, shipped: list):
-            import shutil
-            import tempfile
-
             import ray
             import torch
 
@@ -171,7 +167,6 @@ def _trainable(spec: SubnetworkSearchSpec, table, shipped: list):
                     (self.copy / name).parent.mkdir(parents=True, exist_ok=True)
                     (self.copy / name).write_bytes(content)
                 spec = spec.model_copy(update={"model_dir": str(self.copy)})
-            self.remove = shutil.rmtree
             torch.set_num_threads(max(1, int(self.trial_resources.required_resources.get("CPU", 1))))
             self.scorer = CandidateScorer(spec, table)
             self.scored: dict[str, tuple[dict, dict]] = {}
@@ -179,7 +174,7 @@ def _trainable(spec: SubnetworkSearchSpec, table, shipped: list):
 
         def cleanup(self) -> None:
             if self.copy is not None:
-                self.remove(self.copy, ignore_errors=True)
+                shutil.rmtree(self.copy, ignore_errors=True)
 
         def reset_config(self, new_config) -> bool:
             return True   # the checkpoint stays loaded: a new trial is a new candidate, nothing else
