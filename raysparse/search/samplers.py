@@ -73,9 +73,14 @@ def suggested_by(searcher, trial_id: str) -> str:
     trial = getattr(searcher, "_ot_trials", {}).get(trial_id)
     if trial is None:
         return "?"
-    attrs = searcher._ot_study._storage.get_trial(trial._trial_id).system_attrs
+    return trial_mark(searcher._ot_study, trial)
+
+
+def trial_mark(study, trial) -> str:
+    """The mark of an Optuna trial of ``study``: ``fixed`` (enqueued), ``random`` or the sampler's name."""
+    attrs = study._storage.get_trial(trial._trial_id).system_attrs
     # a trial whose every value is fixed never asks the sampler, so it carries no mark
     return "fixed" if "fixed_params" in attrs else attrs.get(SUGGESTED_BY, "random")
 
 
-__all__ = ["SUGGESTED_BY", "make_sampler", "startup_trials", "suggested_by"]
+__all__ = ["SUGGESTED_BY", "make_sampler", "startup_trials", "suggested_by", "trial_mark"]

@@ -49,16 +49,14 @@ def on_ray(plan, verbose: bool) -> tuple[list[dict], dict]:
     refine = len(plan.budgets) * spec.refine
     searcher = _two_phases(optuna, spec.candidates, plan.refiner if refine else None, keys[0], modes[0])
     total = spec.candidates + refine
-    examples: dict[str, dict] = {}
+    examples: dict[str, dict] = {}   # by configuration: the first trial of each (later ones repeat it)
     rows: list[dict] = []
     for metrics in _fit(trainable, searcher, total, spec):
         sub = Subnetwork.from_dict(json.loads(metrics["candidate"]))
-        repeat = sub.key() in {Subnetwork.from_dict(r["subnetwork"]).key() for r in rows}
+        repeat = sub.key() in examples
         if not repeat:
             examples[sub.key()] = json.loads(metrics["examples"])
-        mark = "refine" if "budget_ms" in metrics else suggested_by(optuna, metrics["trial_id"])
-        if mark == "fixed":
-            mark = "uniform" if sub.key() in plan.uniform else "spread"
+        mark = "refine" if "budget_ms" in metrics else plan.mark(sub, suggested_by(optuna, metrics["trial_id"]))
         values = {**json.loads(metrics["values"]), "actor": metrics["actor"]}
         rows.append(plan.row(len(rows), mark, sub, values, repeat, metrics.get("budget_ms")))
         if verbose:

@@ -244,13 +244,12 @@ class _Plan:
     def fixed(self) -> list[dict]:
         return [fixed_params(sub, self.scorer.bounds[2]) for sub in self.starts]
 
-    def mark(self, sub, attrs: dict) -> str:
-        """Who suggested a trial: ``uniform`` or ``spread`` (fixed), ``random`` or the sampler's name."""
-        from raysparse.search.samplers import SUGGESTED_BY
-
-        if "fixed_params" in attrs:
+    def mark(self, sub, mark: str) -> str:
+        """Who suggested a trial (:func:`~raysparse.search.samplers.trial_mark`), a fixed one named for what it
+        is: ``uniform`` or ``spread``."""
+        if mark == "fixed":
             return "uniform" if sub.key() in self.uniform else "spread"
-        return attrs.get(SUGGESTED_BY, "random")
+        return mark
 
     def row(self, number: int, suggested: str, sub, values: dict, repeat: bool, budget: float | None = None) -> dict:
         row = {"trial": number, "suggested_by": suggested, "uniform_level": self.uniform.get(sub.key()),
@@ -265,7 +264,7 @@ class _Plan:
                        avg_key(scorer.task.name, scorer.metric), self.spec.seed)
 
     def show(self, row: dict, total: int) -> None:
-        quality, shown = avg_key(self.scorer.task.name, self.scorer.metric), ""
+        quality = avg_key(self.scorer.task.name, self.scorer.metric)
         if row.get("budget_ms") is not None:
             shown = f"refine {row['budget_ms']:.2f} ms  avg {_cell(row[quality])}  latency {_cell(row[LATENCY])}"
         else:
@@ -278,6 +277,8 @@ class _Plan:
 def _in_process(plan: _Plan, verbose: bool) -> tuple[list[dict], dict]:
     """Optuna's ask and tell in this process, then refine's candidates: (rows, examples by configuration)."""
     import optuna
+
+    from raysparse.search.samplers import trial_mark
 
     spec, scorer = plan.spec, plan.scorer
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -301,8 +302,7 @@ def _in_process(plan: _Plan, verbose: bool) -> tuple[list[dict], dict]:
         sub = suggest(trial, scorer.shape, *scorer.bounds[:3])
         values, repeat = scored(sub)
         study.tell(trial, [values[key] for key, _ in plan.objectives])
-        rows.append(plan.row(number, plan.mark(sub, study._storage.get_trial(trial._trial_id).system_attrs), sub,
-                             values, repeat))
+        rows.append(plan.row(number, plan.mark(sub, trial_mark(study, trial)), sub, values, repeat))
         if verbose:
             plan.show(rows[-1], total)
     refiner = plan.refiner(rows)
