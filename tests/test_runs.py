@@ -220,12 +220,15 @@ def _one_worker_after_a_checkpoint(storage: Path) -> int:
 
 
 @pytest.mark.timeout(900)
-def test_shared_run_survives_a_killed_worker(ray_local, tracking_server, tmp_path, embedded_dir, capsys):
-    """Shared one-shot run end to end; one Ray Train worker is killed during fine-tuning. The worker group
-    restarts from a checkpoint at least as late as the newest one registered before the kill (a
-    checkpoint step, not the start of the stage), and the steps it repeats are not logged twice."""
+def test_shared_run_survives_a_killed_worker(ray_local, tracking_server, tmp_path, tiny_model_dir, capsys):
+    """Shared one-shot run end to end on the tiny encoder (two workers: e5 runs on Ray Train in the per-language
+    test above); one Ray Train worker is killed during fine-tuning. The worker group restarts from a checkpoint
+    at least as late as the newest one registered before the kill (a checkpoint step, not the start of the
+    stage), and the steps it repeats are not logged twice."""
     spec = tiny_spec("fault-kill-worker", tracking_server, tmp_path / "runs")
-    spec["finetune"]["steps"] = 12
+    spec["model"] = {"source": str(tiny_model_dir)}
+    spec["finetune"]["steps"] = 200   # seconds on the tiny encoder: the kill lands mid-stage
+    spec["resources"]["checkpoint_every"] = 20
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", run(spec, verbose=False)), daemon=True)
     thread.start()

@@ -14,8 +14,9 @@ from tests.tiny_search import metrics_of, runs_of, tags_of, tiny_base, tiny_sear
 @pytest.mark.timeout(900)
 def test_asha_stops_weak_trials_at_the_first_rung_of_recovery(ray_local, tracking_server, tmp_path, embedded_dir):
     """One strong trial (10% sparsity), then two weak ones (85%): ASHA (one objective, Tatoeba top-1)
-    lets the first through every rung and stops the others after 2 of 4 recovery steps."""
-    spec = {"name": "asha", "num_samples": 3, "max_concurrent": 1, "sampler": "random",
+    lets the first through every rung and stops the others after 2 of 4 recovery steps. Each trial in a
+    process of its own (`reuse_trial_processes: false`)."""
+    spec = {"name": "asha", "num_samples": 3, "max_concurrent": 1, "sampler": "random", "reuse_trial_processes": False,
             "objectives": [{"metric": "tatoeba/avg/accuracy", "mode": "max"}],
             "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
             "space": {"pruning.sparsity": {"choice": [0.1, 0.85]}},
@@ -32,6 +33,7 @@ def test_asha_stops_weak_trials_at_the_first_rung_of_recovery(ray_local, trackin
     assert [r.get("recovery_step") for r in by_sparsity[1:]] == [2.0, 2.0]
     assert by_sparsity[0]["tatoeba/avg/accuracy"] > max(r["tatoeba/avg/accuracy"] for r in by_sparsity[1:])
     assert [r["suggested_by"] for r in result.rows] == ["fixed"] * 3
+    assert len({r["pid"] for r in result.rows}) == 3, "a fresh process per trial"
 
     _, trials = trial_runs(tracking_server, "asha")
     stopped = [tags_of(t).get("raysparse.stopped_early") for t in trials if t["info"]["status"] == "KILLED"]
@@ -55,7 +57,8 @@ def sampler_search(name, sampler, objectives, model_dir, tracking_uri, storage):
 
 @pytest.mark.timeout(900)
 def test_tpe_models_the_results_after_its_start_up_trials(ray_local, tracking_server, tmp_path, tiny_model_dir):
-    """Minimising encoder sparsity: after 3 random trials TPE suggests the rest, and lower ones."""
+    """Minimising encoder sparsity: after 3 random trials TPE suggests the rest, and lower ones; one at a
+    time, every trial runs in the process the first one started (reused)."""
     result = sampler_search("tpe", "tpe", [{"metric": "encoder_sparsity", "mode": "min"}], tiny_model_dir,
                             tracking_server, tmp_path / "tpe")
     rows = result.rows
@@ -64,6 +67,7 @@ def test_tpe_models_the_results_after_its_start_up_trials(ray_local, tracking_se
     random_trials = [r["pruning.sparsity"] for r in rows if r["suggested_by"] == "random"]
     tpe_trials = [r["pruning.sparsity"] for r in rows if r["suggested_by"] == "tpe"]
     assert mean(tpe_trials) < mean(random_trials), (random_trials, tpe_trials)
+    assert len({r["pid"] for r in rows}) == 1, [r["pid"] for r in rows]
 
 
 @pytest.mark.timeout(900)

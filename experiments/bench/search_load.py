@@ -5,8 +5,10 @@ and its own MLflow server, builds a tiny random BERT with the real (trimmed) tok
 trial costs what Ray, Tune and MLflow cost rather than what a model costs, and runs a search of
 --trials trials --concurrent at a time, after a first search of --single trials one at a time.
 Trials have one worker, so each runs in its Tune trial's own process; they log their pruned
-model (`log_models: one`, lean: without the tensors the base model holds). Then it checks, over
-MLflow's REST API, that every trial's run and metrics arrived exactly once, and prints per search:
+model (`log_models: one`, lean: without the tensors the base model holds). Each search runs twice,
+side by side: every trial in a fresh process (`reuse_trial_processes: false`) and in reused ones (the
+default: a finished trial's process, its imports paid, runs the next). Then it checks, over MLflow's
+REST API, that every trial's run and metrics arrived exactly once, and prints per search:
 
   trials per minute          finished trials / wall time of the search
   overhead/trial             a trial's MLflow run time minus its own work: the sum of its
@@ -79,7 +81,7 @@ class Prober(threading.Thread):
             self.stop.wait(0.5)
 
 
-def spec_for(trials: int, concurrent: int, model_dir: Path, uri: str, storage: Path, name: str) -> dict:
+def spec_for(trials: int, concurrent: int, model_dir: Path, uri: str, storage: Path, name: str, reuse: bool) -> dict:
     base = {"model": {"source": str(model_dir)},
             "data": {"task": "xnli", "languages": ["en", "de"], "max_train_examples": 16, "max_eval_examples": 8,
                      "max_length": 32},
@@ -87,6 +89,7 @@ def spec_for(trials: int, concurrent: int, model_dir: Path, uri: str, storage: P
             "recovery": {"steps": 1}, "efficiency": {"latency": False},
             "resources": {"num_workers": 1, "checkpoint_every": 50}, "tracking": {"log_models": "one"}}
     return {"name": name, "num_samples": trials, "max_concurrent": concurrent, "sampler": "random",
+            "reuse_trial_processes": reuse,
             "objectives": [{"metric": "xnli/avg/accuracy", "mode": "max"}],
             "space": {"pruning.sparsity": {"uniform": [0.2, 0.7]}}, "base": base,
             "tracking": {"uri": uri, "experiment": name}, "storage": str(storage)}
@@ -142,17 +145,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def one_search(label: str, trials: int, concurrent: int, model_dir: Path, uri: str, root: Path, cluster,
-               full_model_bytes: int) -> dict:
+               full_model_bytes: int, reuse: bool) -> dict:
     """One search over the cluster; its figures, printed."""
     from raysparse.search import search
     from raysparse.tracking.runs import client, experiment_id
 
-    name = f"search-load-{label}-{int(time.time())}"
+    name = f"search-load-{label}-{'reused' if reuse else 'fresh'}-{int(time.time())}"
+    label = f"{label}, {'reused' if reuse else 'fresh'} processes"
     exp_id = experiment_id(client(uri), name)
     prober = Prober(uri, exp_id)
     prober.start()
     t0 = time.time()
-    result = search(spec_for(trials, concurrent, model_dir, uri, root / "storage", name), address=cluster.address,
+    result = search(spec_for(trials, concurrent, model_dir, uri, root / "storage", name, reuse), address=cluster.address,
                     verbose=False)
     wall = time.time() - t0
     prober.stop.set()
@@ -228,22 +232,29 @@ def main() -> None:
         ensure_ray(cluster.address)
         print(f"set-up {time.time() - started:.0f}s: {len(cluster.nodes)} nodes, {per_node * args.nodes} logical "
               f"CPUs, MLflow {uri}", flush=True)
-        if args.single:
-            figures[1] = one_search("single", args.single, 1, model_dir, uri, root, cluster, full)
-        figures[args.concurrent] = one_search("load", args.trials, args.concurrent, model_dir, uri, root, cluster, full)
+        for reuse in (False, True):
+            if args.single:
+                figures[1, reuse] = one_search("single", args.single, 1, model_dir, uri, root, cluster, full, reuse)
+            figures[args.concurrent, reuse] = one_search("load", args.trials, args.concurrent, model_dir, uri, root,
+                                                         cluster, full, reuse)
     finally:
         ray.shutdown()
         cluster.shutdown()
         stop_server(root / "mlflow")
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print("\ntargets (issue 15)")
+    print("\nreused processes against fresh ones, trials per minute")
+    for concurrent in (1, args.concurrent):
+        if (concurrent, True) in figures:
+            fresh, reused = figures[concurrent, False]["trials_per_minute"], figures[concurrent, True]["trials_per_minute"]
+            print(f"  {concurrent} at a time{'':17} {fresh:5.2f} fresh, {reused:5.2f} reused: {reused / fresh:.2f}x")
+    print("\ntargets (issue 15), reused processes")
     for concurrent, limit in ((1, 5.0), (args.concurrent, 15.0)):
-        if concurrent in figures:
-            value = figures[concurrent]["overhead_median"]
+        if (concurrent, True) in figures:
+            value = figures[concurrent, True]["overhead_median"]
             print(f"  overhead median at {concurrent} concurrent  {value:5.1f} s (target <= {limit:g}): "
                   f"{'met' if value <= limit else 'NOT met'}")
-    load = figures[args.concurrent]
+    load = figures[args.concurrent, True]
     print(f"  trials per minute            {load['trials_per_minute']:5.2f} (target >= {3 * 3.26:.2f}): "
           f"{'met' if load['trials_per_minute'] >= 3 * 3.26 else 'NOT met'}")
     print(f"  bytes per trial              {load['bytes_share']:.1%} of a full copy (target <= 20%): "

@@ -182,6 +182,11 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
     # Runs report progress (stage, loss) before their objectives exist; objectives arrive
     # with the evaluate and finalize stages, so Tune must not demand them in every result.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune saves its experiment state (trials, searcher) every 10 s or more by default; trials in reused
+    # actors start within a second, so a driver killed in between would, on --resume, start again under
+    # a new id a trial that had already opened its MLflow run. Saving at every step of Tune's loop keeps
+    # every started trial in the state (a few ms per step at a search's scale).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if verbose:
         print(f"search {spec.name}: {'resuming' if resume else 'starting'} {spec.num_samples} trials, "
               f"{at_once} at a time; objectives {', '.join(f'{m} ({o})' for m, o in zip(metrics, modes))}; "
@@ -210,7 +215,8 @@ def search(spec: SearchSpec | dict | str | Path, resume: bool = False, address: 
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
-                                        max_concurrent_trials=spec.max_concurrent),
+                                        max_concurrent_trials=spec.max_concurrent,
+                                        reuse_actors=spec.reuse_trial_processes),
             run_config=tune.RunConfig(
                 name=experiment_name, storage_path=storage, verbose=1,
                 # one-process trials retry in Tune as TorchTrainer trials retry in Train

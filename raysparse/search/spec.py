@@ -35,6 +35,9 @@ class SearchSpec(Strict):
     objectives: list[Objective] | None = Field(None, min_length=1)   # left out: the task's avg metric, max
     num_samples: int = Field(4, ge=1)
     max_concurrent: int = Field(1, ge=1)
+    # a finished trial's process runs the next trial (its imports, about 5 s, paid once); false: a fresh
+    # process per trial, for model code that leaves global state behind
+    reuse_trial_processes: bool = True
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     # random trials before the sampler models the results (TPE's start-up trials, NSGA-II's
     # population size); default num_samples // 3, between 2 and 10

@@ -28,7 +28,7 @@ def run_trial(config: dict[str, Any], base: dict, search: dict) -> None:
 
     from raysparse.runner import fit_tracked, preflight, run_params, run_tags, trainer_for
     from raysparse.search.space import trial_spec
-    from raysparse.tracking.runs import open_run, spec_key
+    from raysparse.tracking.runs import finished_metrics, open_run, spec_key
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -38,12 +38,19 @@ def run_trial(config: dict[str, Any], base: dict, search: dict) -> None:
     name = trial_run_name(spec, trial_id)
     key = spec_key({"search": search["name"], "search_key": search["key"], "trial": trial_id})
     uri = search["tracking_uri"]
-    run_id, _ = open_run(uri, search["experiment"], key, name, params=run_params(spec, languages),
+    run_id, resumed = open_run(uri, search["experiment"], key, name, params=run_params(spec, languages),
                          tags=run_tags(spec, "trial", **{
                              "raysparse.search": search["name"], "raysparse.search_run_id": search["parent_run_id"],
                              "raysparse.trial_id": trial_id,
                              "raysparse.sampled": ", ".join(f"{k}={v}" for k, v in params.items())}),
                          parent_run_id=search["parent_run_id"])
+    recorded = finished_metrics(uri, run_id) if resumed else None
+    if recorded is not None:
+        # Finished before a killed driver's last saved state said so: its result is the one MLflow holds
+        # (running it again from an earlier checkpoint would re-time it, and MLflow keeps one entry per step).
+        recorded.pop("recovery_step", None)   # a finished trial was not stopped early
+        tune.report(recorded)
+        return
     if one_process(spec):
         run_in_trial(spec, languages, uri, run_id, f"trial {name}", search["storage"])
         return

@@ -147,6 +147,12 @@ def open_run(uri: str, experiment: str, run_key: str, name: str, params: Mapping
         raise RaysparseError(f"tracking: MLflow at {uri} refused the run ({first_line(exc)})") from None
 
 
+def finished_metrics(uri: str, run_id: str) -> dict[str, float] | None:
+    """The last value of every metric of a FINISHED run; None while it has not finished."""
+    run = client(uri).get_run(run_id)
+    return dict(run.data.metrics) if run.info.status == "FINISHED" else None
+
+
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
