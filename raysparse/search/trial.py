@@ -39,11 +39,11 @@ def run_trial(config: dict[str, Any], base: dict, search: dict) -> None:
     key = spec_key({"search": search["name"], "search_key": search["key"], "trial": trial_id})
     uri = search["tracking_uri"]
     run_id, resumed = open_run(uri, search["experiment"], key, name, params=run_params(spec, languages),
-                         tags=run_tags(spec, "trial", **{
-                             "raysparse.search": search["name"], "raysparse.search_run_id": search["parent_run_id"],
-                             "raysparse.trial_id": trial_id,
-                             "raysparse.sampled": ", ".join(f"{k}={v}" for k, v in params.items())}),
-                         parent_run_id=search["parent_run_id"])
+                               tags=run_tags(spec, "trial", **{
+                                   "raysparse.search": search["name"], "raysparse.search_run_id": search["parent_run_id"],
+                                   "raysparse.trial_id": trial_id,
+                                   "raysparse.sampled": ", ".join(f"{k}={v}" for k, v in params.items())}),
+                               parent_run_id=search["parent_run_id"])
     recorded = finished_metrics(uri, run_id) if resumed else None
     if recorded is not None:
         # Finished before a killed driver's last saved state said so: its result is the one MLflow holds
