@@ -242,6 +242,10 @@ class RecoveryConfig(Strict):
     # Evaluate every N recovery steps (0: only at the end): quality curves over recovery in MLflow,
     # and the resource ASHA stops weak search trials on (`scheduler.type: asha` sets it).
     evaluate_every: int = Field(0, ge=0)
+    # Keep the model's dropout while recovering. Off by default: on a CPU drawing dropout's random
+    # masks is about a fifth of a step and does not shrink with the model, and a short recovery
+    # distilled from the dense teacher loses nothing without it (docs/benchmarks.md).
+    dropout: bool = False
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
 
 

@@ -383,3 +383,30 @@ def test_a_train_task_of_another_kind_is_refused_in_one_line(train_task, regime,
     data["data"] = {"task": "xquad", "train_task": train_task, "regime": regime}
     with pytest.raises(RaysparseError, match=error):
         as_spec(data)
+
+
+class DropoutSeen(Callback):
+    """Records (stage, the largest dropout probability in the model) at every training step."""
+
+    def __init__(self, pipeline):
+        self.pipeline, self.seen = pipeline, []
+
+    def on_step_start(self, step):
+        probabilities = [m.p for m in self.pipeline.model.modules() if isinstance(m, torch.nn.Dropout)]
+        self.seen.append((self.pipeline.state.stage, max(probabilities)))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dropout", [False, True])
+def test_recovery_trains_without_dropout_unless_the_spec_keeps_it(dropout, tiny_model_dir):
+    """Dropout's random masks cost the same at every model size, so recovery turns them off
+    (``recovery.dropout: false``, the default); fine-tuning keeps them, and so does the model after."""
+    spec = as_spec({**tiny_spec(tiny_model_dir, f"dropout-{dropout}"),
+                    "recovery": {"steps": 3, "learning_rate": 1e-3, "dropout": dropout}})
+    pipeline = build_pipeline(spec, preflight(spec), LocalSession())
+    watch = DropoutSeen(pipeline)
+    pipeline.observers.append(watch)
+    pipeline.execute()
+    seen = {stage: {p for s, p in watch.seen if s == stage} for stage, _ in watch.seen}
+    assert seen == {"finetune": {0.1}, "recover": {0.1 if dropout else 0.0}}, watch.seen
+    assert max(m.p for m in pipeline.model.modules() if isinstance(m, torch.nn.Dropout)) == 0.1

@@ -201,6 +201,24 @@ class SeededSteps(Callback):
         torch.manual_seed(self.seed * 1_000_003 + step)
 
 
+class WithoutDropout(Callback):
+    """Sets every dropout module of ``model`` to p = 0 while the stage trains (restored at its end):
+    dropout's random masks cost a fifth of a CPU step and do not shrink with the model."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+        self.held: list[float] = []
+
+    def on_start(self, step: int) -> None:
+        self.held = [m.p for m in self.modules]
+        for module in self.modules:
+            module.p = 0.0
+
+    def on_end(self) -> None:
+        for module, p in zip(self.modules, self.held):
+            module.p = p
+
+
 class Every(Callback):
     """Calls ``action(step, loss)`` every ``every`` steps (and, with ``last``, after the final one)."""
 
@@ -212,4 +230,4 @@ class Every(Callback):
             self.action(step, loss)
 
 
-__all__ = ["Callback", "Every", "Forward", "Objective", "Progress", "SeededSteps", "linear_schedule", "make_optimizer", "single", "train"]
+__all__ = ["Callback", "Every", "Forward", "Objective", "Progress", "SeededSteps", "WithoutDropout", "linear_schedule", "make_optimizer", "single", "train"]

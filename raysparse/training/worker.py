@@ -38,7 +38,8 @@ from raysparse.structure import Encoder, Mask, UnitGates, attach_gates, retrieva
 from raysparse.structure.shrink import mask_rows_for
 from raysparse.training import mask_tuning
 from raysparse.training.finetune import freeze_word_embeddings
-from raysparse.training.loop import Callback, Every, Forward, Progress, SeededSteps, make_optimizer, single, train
+from raysparse.training.loop import (Callback, Every, Forward, Progress, SeededSteps, WithoutDropout, make_optimizer,
+                                     single, train)
 from raysparse.training.session import RayTrainSession, Session
 from raysparse.training.state import (STAGES, RunState, load_optimizer, load_weights, read_optimizer, save_optimizer,
                                       save_weights)
@@ -615,7 +616,7 @@ class Run:
             outputs = forward_outputs(self.ddp, batch, hidden_states=hidden)
             return Forward(self.data.loss_of(outputs), batch, outputs, key)
 
-        callbacks: list[Callback] = []
+        callbacks: list[Callback] = [] if spec.recovery.dropout else [WithoutDropout(self.model)]
         if distilling:
             layer_maps = ({key: layer_map_for(self.model, self.teacher, self.state.masks[key]) for key in keys}
                           if hidden else {})
