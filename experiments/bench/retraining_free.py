@@ -34,7 +34,6 @@ import contextlib
 import io
 import os
 import sys
-import time
 
 from quality_per_cost import dense_quality, row
 
