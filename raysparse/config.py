@@ -263,6 +263,7 @@ class DynamicConfig(Strict):
     steps: int = Field(100, ge=0)               # training steps after rewiring
     learning_rate: float = Field(3e-5, gt=0)
     distill: bool = True                        # sub-networks learn from the full one (same step, detached)
+    dropout: bool = False                       # the model's dropout while DS trains (off, as in recovery)
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)       # weight of the distillation loss against the task loss
     match_sparsity: bool = False                # neurons absorb the head rounding (exact encoder sparsity)

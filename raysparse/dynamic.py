@@ -124,12 +124,13 @@ def dynamic_trainable(config: dict) -> None:
 
 def separate_spec(spec: RunSpec, level: float) -> RunSpec:
     """The normal run at ``level`` that matches a DS spec: same data, fine-tuning and steps;
-    one-shot pruning to ``level``; recovery as long as DS training (distilled when DS distils)."""
+    one-shot pruning to ``level``; recovery as long as DS training (distilled when DS distils, with
+    dropout when DS keeps it)."""
     data = spec.model_dump()
     dyn = spec.dynamic
     data["name"] = f"{spec.name}-separate-{level_key(level)}"
     data["pruning"] = {**with_schedule(data["pruning"], "one-shot"), "sparsity": level}
-    data["recovery"].update({"steps": dyn.steps, "learning_rate": dyn.learning_rate})
+    data["recovery"].update({"steps": dyn.steps, "learning_rate": dyn.learning_rate, "dropout": dyn.dropout})
     data["recovery"]["distillation"].update({"enabled": dyn.distill, "temperature": dyn.temperature,
                                              "alpha": dyn.alpha})
     return parse(RunSpec, data)

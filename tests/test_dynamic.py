@@ -120,10 +120,11 @@ def test_sandwich_sampling_and_separate_specs():
     assert sample_levels([0.0], 3, 0, 0) == [0.0] and sample_levels([0.0, 0.5], 3, 0, 0) == [0.0, 0.5]
     assert nearest_level(grid, 0.34) == 0.3
 
-    spec = parse(RunSpec, {"pruning": {"schedule": "dynamic"}, "dynamic": {"steps": 7, "distill": True}})
+    spec = parse(RunSpec, {"pruning": {"schedule": "dynamic"}, "dynamic": {"steps": 7, "distill": True, "dropout": True}})
     separate = separate_spec(spec, 0.4)
     assert separate.pruning.schedule == "one-shot" and separate.pruning.sparsity == 0.4
-    assert separate.recovery.steps == 7 and separate.recovery.distillation.enabled
+    assert separate.recovery.steps == 7 and separate.recovery.distillation.enabled and separate.recovery.dropout
+    assert not separate_spec(parse(RunSpec, {"pruning": {"schedule": "dynamic"}}), 0.4).recovery.dropout
     assert separate.finetune == spec.finetune and separate.data == spec.data
 
 

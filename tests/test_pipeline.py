@@ -397,16 +397,22 @@ class DropoutSeen(Callback):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("schedule", ["one-shot", "dynamic"])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_recovery_trains_without_dropout_unless_the_spec_keeps_it(dropout, tiny_model_dir):
-    """Dropout's random masks cost the same at every model size, so recovery turns them off
-    (``recovery.dropout: false``, the default); fine-tuning keeps them, and so does the model after."""
-    spec = as_spec({**tiny_spec(tiny_model_dir, f"dropout-{dropout}"),
-                    "recovery": {"steps": 3, "learning_rate": 1e-3, "dropout": dropout}})
+def test_recovery_trains_without_dropout_unless_the_spec_keeps_it(dropout, schedule, tiny_model_dir):
+    """Dropout's random masks cost the same at every model size, so recovery and Dynamic Sparsification's
+    training turn them off (``recovery.dropout`` / ``dynamic.dropout``: false, the default); fine-tuning
+    keeps them, and so does the model after."""
+    data = {**tiny_spec(tiny_model_dir, f"dropout-{dropout}-{schedule}"),
+            "recovery": {"steps": 3, "learning_rate": 1e-3, "dropout": dropout}}
+    if schedule == "dynamic":
+        data["pruning"] = {"algorithm": "gradient", "schedule": "dynamic", "sparsity": 0.5, "scoring_examples": 16}
+        data["dynamic"] = {"grid": [0.0, 0.5], "samples_per_step": 0, "steps": 3, "dropout": dropout}
+    spec = as_spec(data)
     pipeline = build_pipeline(spec, preflight(spec), LocalSession())
     watch = DropoutSeen(pipeline)
     pipeline.observers.append(watch)
     pipeline.execute()
     seen = {stage: {p for s, p in watch.seen if s == stage} for stage, _ in watch.seen}
-    assert seen == {"finetune": {0.1}, "recover": {0.1 if dropout else 0.0}}, watch.seen
+    assert seen == {"finetune": {0.1}, "recover": {0.1 if dropout else 0.0}}, watch.seen   # DS trains in "recover"
     assert max(m.p for m in pipeline.model.modules() if isinstance(m, torch.nn.Dropout)) == 0.1

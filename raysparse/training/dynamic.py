@@ -45,7 +45,7 @@ from raysparse.structure.shrink import structure_of
 from raysparse.structure.slicing import prefix_lengths, prefix_slices
 from raysparse.structure.subnetwork import Subnetwork, subnetwork_slices, widths_near
 from raysparse.training.finalize import stage_costs
-from raysparse.training.loop import Every, Progress
+from raysparse.training.loop import Every, Progress, WithoutDropout
 from raysparse.training.state import STAGES
 from raysparse.training.worker import SHARED, Run, evaluation_options
 
@@ -317,7 +317,8 @@ class DynamicRun(Run):
         optimizer, scheduler = self.optimizer(dyn.learning_rate, dyn.steps, 0.0)
         progress = Progress("dynamic", dyn.steps, self.is_chief, extra=lambda step: f"(levels {', '.join(last)})")
         with attach_gates(self.model, gates):
-            self.fit("dynamic", passes, optimizer, scheduler, dyn.steps, [Every(10, log_ends, dyn.steps)],
+            self.fit("dynamic", passes, optimizer, scheduler, dyn.steps,
+                     [Every(10, log_ends, dyn.steps), *([] if dyn.dropout else [WithoutDropout(self.model)])],
                      progress=progress)
 
     def evaluate(self) -> None:
