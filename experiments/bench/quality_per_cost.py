@@ -51,7 +51,7 @@ def run_spec(args, algorithm: str, distill: bool, out: Path, tracking_uri: str) 
 
     return apply_overrides({
         "name": f"qpc-{algorithm}-{('distill+hidden' if args.hidden else 'distill') if distill else 'plain'}"
-                f"{'+lstune' if args.mask_tuning else ''}{'+dropout' if args.dropout else ''}",
+                f"{'+lstune' if args.mask_tuning else ''}",
         "seed": args.seed,
         "data": {"task": "tatoeba", "languages": args.languages.split(",") if args.languages else None,
                  "max_train_examples": args.train_examples, "max_eval_examples": args.eval_examples,
@@ -61,9 +61,9 @@ def run_spec(args, algorithm: str, distill: bool, out: Path, tracking_uri: str) 
         "pruning": {"algorithm": algorithm, "sparsity": args.sparsity, "scoring_examples": args.scoring_examples,
                     "scoring_languages": args.scoring_languages.split(",") if args.scoring_languages else None,
                     "options": OPTIONS.get(algorithm, {}), "mask_tuning": {"enabled": args.mask_tuning}},
-        "recovery": {"steps": args.recovery_steps, "learning_rate": args.learning_rate, "dropout": args.dropout,
+        "recovery": {"steps": args.recovery_steps, "learning_rate": args.learning_rate,
                      "distillation": {"enabled": distill, "alpha": 0.5, "temperature": 2.0,
-                                      "hidden": args.hidden, "teacher_dtype": args.teacher_dtype}},
+                                      "hidden": args.hidden}},
         "efficiency": {"latency": False},
         "resources": {"num_workers": 1, "cpus_per_worker": args.threads, "checkpoint_every": 10_000},
         "tracking": {"uri": tracking_uri, "experiment": "bench-quality-per-cost", "log_models": "none"},
@@ -136,12 +136,9 @@ def main() -> None:
                         help="distillation also matches hidden states (MSE); --no-hidden: logits/similarities only")
     parser.add_argument("--mask-tuning", action=argparse.BooleanOptionalAction, default=False,
                         help="least-squares rescaling of the kept units before recovery (pruning.mask_tuning)")
-    parser.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=False,
-                        help="keep the model's dropout during recovery (recovery.dropout)")
-    parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="the dense teacher's forward passes in this dtype (recovery.distillation.teacher_dtype)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other spec field, as `raysparse run --set` takes it (repeatable)")
+                        help="any other spec field, as `raysparse run --set` takes it (repeatable; e.g. "
+                             "recovery.distillation.teacher_dtype=bfloat16)")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--languages", default=None, help="Tatoeba languages (default: every one present)")
     parser.add_argument("--eval-examples", type=int, default=100, help="Tatoeba pairs per language")
