@@ -33,7 +33,8 @@ def cmd_fetch_model(args) -> None:
 def cmd_prune(args) -> None:
     options = dict(languages=_languages(args.languages), scoring_pairs=args.scoring_pairs, batch_size=args.batch_size,
                    steps=args.steps, scope=args.scope, normalize=args.normalize, round_to=args.round_to,
-                   recover_steps=args.recover_steps, learning_rate=args.lr, eval_pairs=args.eval_pairs,
+                   head_ratio=args.head_ratio, recover_steps=args.recover_steps, learning_rate=args.lr,
+                   eval_pairs=args.eval_pairs,
                    seed=args.seed, sequence_length=args.seq_len, data_dir=args.data_dir, latency=not args.no_latency,
                    tune_masks=args.tune_masks, latency_ms=args.latency_ms, speedup=args.speedup)
     if args.print_spec:   # the run spec these flags make: `raysparse run` it to execute it on Ray, tracked
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="global", choices=["global", "per-layer"])
     p.add_argument("--normalize", default="l2", choices=["l2", "none"])
     p.add_argument("--round-to", type=int, default=1, help="round kept units per layer to a multiple")
+    p.add_argument("--head-ratio", type=float, default=1.0,
+                   help="heads lose this multiple of the target share, neurons the rest (0.6 at 0.5: 30%% of the heads)")
     p.add_argument("--recover-steps", type=int, default=0, help="recovery steps of the shrunk model (contrastive, on XNLI pairs)")
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--eval-pairs", type=int, default=200, help="Tatoeba pairs per language to evaluate")

@@ -129,6 +129,9 @@ class PruningConfig(Strict):
     scope: Literal["global", "per-layer"] = "global"
     normalize: Literal["l2", "none"] = "l2"
     round_to: int = Field(1, ge=1)
+    # heads lose head_ratio x the target share of their units and the FFN neurons make up the rest of the
+    # target (1: both types the same share; 0.6 at sparsity 0.5: 30% of the heads, 60% of the neurons)
+    head_ratio: float = Field(1.0, ge=0)
     scoring_examples: int = Field(256, ge=1)
     scoring_languages: list[str] | None = Field(None, min_length=1)   # default: the evaluation languages
     drop_layers: int = Field(0, ge=0)
@@ -169,6 +172,8 @@ class PruningConfig(Strict):
                                      "(expected 'global')"),
             (self.round_to != 1, f"pruning.round_to: a latency target keeps exact counts (expected 1, got "
                                  f"{self.round_to})"),
+            (self.head_ratio != 1, f"pruning.head_ratio: a latency target ranks heads and neurons together "
+                                   f"(expected 1, got {self.head_ratio:g})"),
             (algorithm is not None and algorithm.final_mask is not Importance.final_mask,
              f"pruning.latency_target: '{self.algorithm}' decides its mask itself (expected an algorithm that "
              "scores heads and neurons, e.g. gradient)"),
@@ -413,6 +418,26 @@ class RunSpec(Strict):
         if self.finetune.evaluate_every and self.data.max_eval_examples is None:
             raise ValueError("finetune.evaluate_every: the curve reads the rows after the reported ones, but "
                              "data.max_eval_examples is null (all rows reported; expected a number)")
+        return self
+
+    @model_validator(mode="after")
+    def _head_ratio_applies(self) -> "RunSpec":
+        """The share of heads is a choice of selection: refused where no selection by scores decides the mask."""
+        pruning = self.pruning
+        if pruning.head_ratio == 1:
+            return self
+        from raysparse.pruning import ALGORITHMS, Importance
+
+        algorithm = ALGORITHMS.get(pruning.algorithm)
+        if pruning.schedule == "dynamic":
+            raise ValueError("pruning.head_ratio: the dynamic schedule's levels keep the same share of heads and "
+                             "neurons in every layer (expected 1, or another schedule)")
+        if algorithm is not None and algorithm.final_mask is not Importance.final_mask:
+            raise ValueError(f"pruning.head_ratio: '{pruning.algorithm}' decides its mask itself (expected 1, or "
+                             "an algorithm that scores heads and neurons, e.g. magnitude)")
+        if pruning.head_ratio * pruning.sparsity > 1:
+            raise ValueError(f"pruning.head_ratio: {pruning.head_ratio:g} at sparsity {pruning.sparsity:g} removes "
+                             f"more than every head (expected at most {1 / pruning.sparsity:.2f})")
         return self
 
     @model_validator(mode="after")

@@ -101,6 +101,7 @@ def preflight(spec: RunSpec) -> dict[str, list[str]]:
     location = resolve_model(spec.model.source)
     check_model(location, spec.model.trust_remote_code)
     check_lengths(spec, location)
+    check_head_ratio(spec, location)
     storage = spec.storage or os.environ.get("RAYSPARSE_STORAGE")
     if storage and "://" not in storage and Path(storage).expanduser().exists() and not Path(storage).expanduser().is_dir():
         raise RaysparseError(f"storage: {storage} is a file (expected a folder for checkpoints and the stage cache)")
@@ -149,6 +150,25 @@ def check_lengths(spec: RunSpec, location: str) -> None:
         if positions > 0 and value > positions:
             raise RaysparseError(f"{field}: {value} is longer than the model's {positions} positions "
                                  f"(expected at most {positions})")
+
+
+def check_head_ratio(spec: RunSpec, location: str) -> None:
+    """A share of heads that leaves more neurons to remove than the model has fails here (one line)."""
+    import json
+
+    from raysparse.pruning.selection import removal_counts
+    from raysparse.structure import params_per_head, params_per_neuron
+
+    if spec.pruning.head_ratio == 1:
+        return
+    try:
+        config = json.loads(Path(location, "config.json").read_text())
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        layers, ffn = int(config["num_hidden_layers"]), int(config["intermediate_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return   # check_model says what is wrong with the folder; selection checks the shape it finds
+    removal_counts(spec.pruning.sparsity, layers * heads, layers * ffn, params_per_head(hidden, hidden // heads),
+                   params_per_neuron(hidden), spec.pruning.head_ratio)
 
 
 def storage_path(root: str | None) -> str:

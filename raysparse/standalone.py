@@ -85,13 +85,16 @@ def tatoeba_quality(model, tokenizer, pairs: dict[str, tuple[list[str], list[str
 
 def prune_spec(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradient", *,
                languages: list[str] | None = None, scoring_pairs: int = 256, batch_size: int = 16, steps: int = 1,
-               scope: str = "global", normalize: str = "l2", round_to: int = 1, recover_steps: int = 0,
+               scope: str = "global", normalize: str = "l2", round_to: int = 1, head_ratio: float = 1.0,
+               recover_steps: int = 0,
                learning_rate: float = 3e-5, eval_pairs: int = 200, seed: int = 0, sequence_length: int = 128,
                data_dir: str | None = None, latency: bool = True, tune_masks: bool = False,
                latency_ms: float | None = None, speedup: float | None = None) -> RunSpec:
     """The run spec ``raysparse prune`` executes: Tatoeba, no fine-tuning, XNLI translation pairs
     for scoring and recovery, the dense model evaluated beside the pruned one, nothing tracked.
-    ``tune_masks``: rescale the kept units by least squares after the shrink (``pruning.mask_tuning``).
+    ``head_ratio``: heads lose that multiple of the target share of their units, neurons the rest
+    (``pruning.head_ratio``). ``tune_masks``: rescale the kept units by least squares after the shrink
+    (``pruning.mask_tuning``).
     ``latency_ms`` or ``speedup``: prune to that predicted latency at batch 1 instead of ``sparsity``
     (``pruning.latency_target``; ``sparsity`` must then stay at its default)."""
     target = {name: value for name, value in (("ms", latency_ms), ("speedup", speedup)) if value is not None}
@@ -101,7 +104,8 @@ def prune_spec(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "g
                  "evaluate_dense": True},
         "finetune": {"steps": 0, "batch_size": batch_size},
         "pruning": {"algorithm": algorithm, "sparsity": sparsity, "scope": scope, "normalize": normalize,
-                    "round_to": round_to, "scoring_examples": scoring_pairs, "mask_tuning": {"enabled": tune_masks},
+                    "round_to": round_to, "head_ratio": head_ratio, "scoring_examples": scoring_pairs,
+                    "mask_tuning": {"enabled": tune_masks},
                     **({"schedule": "iterative", "iterations": steps} if steps > 1 else {}),
                     **({"latency_target": target} if target else {})},
         "recovery": {"steps": recover_steps, "learning_rate": learning_rate},
@@ -112,7 +116,8 @@ def prune_spec(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "g
 
 def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradient", *,
           languages: list[str] | None = None, scoring_pairs: int = 256, batch_size: int = 16, steps: int = 1,
-          scope: str = "global", normalize: str = "l2", round_to: int = 1, recover_steps: int = 0,
+          scope: str = "global", normalize: str = "l2", round_to: int = 1, head_ratio: float = 1.0,
+          recover_steps: int = 0,
           learning_rate: float = 3e-5, eval_pairs: int = 200, seed: int = 0, sequence_length: int = 128,
           out: str | Path | None = None, data_dir: str | None = None, latency: bool = True,
           tune_masks: bool = False, latency_ms: float | None = None, speedup: float | None = None,
@@ -126,7 +131,8 @@ def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradie
 
     spec = prune_spec(model, sparsity, algorithm, languages=languages, scoring_pairs=scoring_pairs,
                       batch_size=batch_size, steps=steps, scope=scope, normalize=normalize, round_to=round_to,
-                      recover_steps=recover_steps, learning_rate=learning_rate, eval_pairs=eval_pairs, seed=seed,
+                      head_ratio=head_ratio, recover_steps=recover_steps, learning_rate=learning_rate,
+                      eval_pairs=eval_pairs, seed=seed,
                       sequence_length=sequence_length, data_dir=data_dir, latency=latency, tune_masks=tune_masks,
                       latency_ms=latency_ms, speedup=speedup)
     if out is not None:
@@ -153,7 +159,8 @@ def prune(model: str = EMBEDDED, sparsity: float = 0.5, algorithm: str = "gradie
              "seconds": seconds, "speedup": {k: v for k, v in metrics.items() if k.startswith("speedup/")},
              "latency": {k: v for k, v in metrics.items() if k.startswith("latency/")},
              "settings": {"algorithm": algorithm, "sparsity": sparsity, "steps": steps, "scope": scope,
-                          "normalize": normalize, "round_to": round_to, "recover_steps": recover_steps,
+                          "normalize": normalize, "round_to": round_to, "head_ratio": head_ratio,
+                          "recover_steps": recover_steps,
                           "seed": seed, "tune_masks": tune_masks,
                           "latency_target": spec.pruning.latency_target and spec.pruning.latency_target.model_dump(),
                           "languages": pipeline.languages["evaluation"]}}, indent=2))

@@ -52,15 +52,23 @@ def test_flops_hand_computed():
     assert flops == qkv + attn + out + ffn
 
 
+def e5_small_scores() -> UnitScores:
+    g = torch.Generator().manual_seed(0)
+    return UnitScores(torch.rand(12, 12, generator=g), torch.rand(12, 1536, generator=g))
+
+
+def assert_within_half_a_neuron(mask: Mask, sparsity: float) -> None:
+    total = 144 * params_per_head(384, 32) + 12 * 1536 * params_per_neuron(384)
+    assert abs(encoder_sparsity_of(mask, 384, 32) - sparsity) <= params_per_neuron(384) / 2 / total + 1e-12
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.3, 0.5, 0.73, 0.9])
 @pytest.mark.parametrize("scope", ["global", "per-layer"])
 def test_selection_reaches_target_within_half_a_neuron(sparsity, scope):
     """e5-small shape: 12 layers x 12 heads of 32 dims, FFN 1536, hidden 384."""
-    g = torch.Generator().manual_seed(0)
-    scores = UnitScores(torch.rand(12, 12, generator=g), torch.rand(12, 1536, generator=g))
+    scores = e5_small_scores()
     mask = select_mask(scores, sparsity, 384, 32, Selection(scope=scope))
-    total = 144 * params_per_head(384, 32) + 12 * 1536 * params_per_neuron(384)
-    assert abs(encoder_sparsity_of(mask, 384, 32) - sparsity) <= params_per_neuron(384) / 2 / total + 1e-12
+    assert_within_half_a_neuron(mask, sparsity)
     if scope == "per-layer":
         kept = mask.kept_heads.sum(1)
         assert kept.max() - kept.min() <= 1
@@ -156,3 +164,30 @@ def test_magnitude_and_movement_sum_exactly_the_weights_a_unit_owns():
     w1, b1, w2 = layer.intermediate.dense.weight, layer.intermediate.dense.bias, layer.output.dense.weight
     expected = -((w1[5] * grads[id(w1)][5]).sum() + b1[5] * grads[id(b1)][5] + (w2[:, 5] * grads[id(w2)][:, 5]).sum())
     assert neurons[1][5].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("sparsity,head_ratio", [(0.5, 0.6), (0.5, 0.0), (0.3, 1.8), (0.7, 0.5)])
+def test_head_ratio_moves_the_removal_between_heads_and_neurons_at_the_same_sparsity(sparsity, head_ratio):
+    """e5-small shape: heads lose head_ratio x the target share, neurons the rest; still exact."""
+    scores = e5_small_scores()
+    mask = select_mask(scores, sparsity, 384, 32, Selection(head_ratio=head_ratio))
+    assert_within_half_a_neuron(mask, sparsity)
+    assert int((~mask.kept_heads).sum()) == round(head_ratio * sparsity * 144)
+    same = select_mask(scores, sparsity, 384, 32)
+    assert int((~same.kept_heads).sum()) == round(sparsity * 144)
+    if head_ratio < 1:   # fewer heads removed, more neurons, each type still its highest scores
+        assert (same.kept_heads & ~mask.kept_heads).sum() == 0 and (mask.kept_neurons & ~same.kept_neurons).sum() == 0
+
+
+@pytest.mark.parametrize("sparsity,head_ratio,message", [
+    (0.7, 0.1, "pruning.head_ratio: 0.1 at sparsity 0.7 needs 7% of the heads and 102% of the neurons removed "
+               "(expected a ratio from 0.14 to 1.43 at this sparsity)"),
+    (0.5, 2.5, "pruning.head_ratio: 2.5 at sparsity 0.5 needs 125% of the heads"),
+])
+def test_a_head_ratio_the_shape_cannot_honour_is_one_line(sparsity, head_ratio, message):
+    scores = UnitScores(torch.rand(12, 12), torch.rand(12, 1536))
+    with pytest.raises(RaysparseError) as error:
+        select_mask(scores, sparsity, 384, 32, Selection(head_ratio=head_ratio))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    with pytest.raises(RaysparseError, match="pruning.head_ratio: expected a number >= 0"):
+        Selection(head_ratio=-0.5)

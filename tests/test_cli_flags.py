@@ -112,7 +112,20 @@ def more_scoring_pairs(run: Pruned, base: Pruned) -> None:
     assert not torch.equal(run.scores.heads, base.scores.heads)
 
 
+def half_the_heads(run: Pruned, base: Pruned) -> None:
+    """--head-ratio 0.5: heads lose half the target share of their units (a quarter of them at 0.5) and the
+    neurons make up the rest, where the baseline removes half of each; the encoder sparsity stays."""
+    heads, neurons = run.kept()
+    base_heads, base_neurons = base.kept()
+    total_heads = run.mask.kept_heads.numel()
+    assert (total_heads - sum(heads), total_heads - sum(base_heads)) == (total_heads // 4, total_heads // 2)
+    assert sum(neurons) < sum(base_neurons) and run.result["settings"]["head_ratio"] == 0.5
+    assert run.result["pruned"]["encoder_sparsity"] == pytest.approx(base.result["pruned"]["encoder_sparsity"],
+                                                                     abs=1e-2)
+
+
 FLAGS = {
+    "head-ratio": (["--head-ratio", "0.5"], half_the_heads),
     "scope": (["--scope", "per-layer"], per_layer_scope),
     "round-to": (["--round-to", "4"], rounded_to_four),
     "normalize": (["--normalize", "none"], unnormalized),

@@ -8,6 +8,7 @@ trainable tasks are fine-tuned and evaluated on the tiny encoder in test_task_fi
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 
@@ -148,6 +149,20 @@ def test_build_task_model_and_optimizer(embedded_dir):
     counted = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     assert counted + frozen == sum(p.numel() for p in xnli_a.parameters())
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+    # fused AdamW (one kernel over every tensor) makes the same updates as the per-tensor loop
+    assert optimizer.defaults["fused"]
+    reference = copy.deepcopy(xnli_a)
+    groups = make_optimizer(reference, 1e-4, 0.01, steps=10, warmup=2)[0].param_groups
+    plain = torch.optim.AdamW([{k: v for k, v in g.items() if k != "fused"} for g in groups], fused=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(xnli_a.parameters(), reference.parameters()):
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=generator)
+                q.grad = p.grad.clone()
+        optimizer.step(), plain.step()
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(xnli_a.parameters(), reference.parameters()))
+    optimizer.zero_grad(), plain.zero_grad()
     lrs = []
     for _ in range(10):
         lrs.append(scheduler.get_last_lr()[0])

@@ -134,8 +134,12 @@ def test_units_are_ranked_by_importance_per_millisecond():
     ({"latency_target": {"speedup": 2}, "algorithm": "l0"}, "pruning.latency_target: 'l0' decides its mask"),
     ({"latency_target": {"speedup": 2}, "setting": "per-language"}, "pruning.latency_target: per-language"),
     ({"latency_target": {"speedup": 2}, "scope": "per-layer"}, "pruning.scope: a latency target"),
+    ({"latency_target": {"speedup": 2}, "head_ratio": 0.6}, "pruning.head_ratio: a latency target ranks heads"),
+    ({"head_ratio": 0.6, "schedule": "dynamic"}, "pruning.head_ratio: the dynamic schedule's levels"),
+    ({"head_ratio": 0.6, "algorithm": "l0"}, "pruning.head_ratio: 'l0' decides its mask itself"),
+    ({"head_ratio": 2.5}, "pruning.head_ratio: 2.5 at sparsity 0.5 removes more than every head"),
 ])
-def test_a_latency_target_is_refused_where_selection_cannot_honour_it(pruning, message):
+def test_a_latency_target_or_head_ratio_is_refused_where_selection_cannot_honour_it(pruning, message):
     with pytest.raises(RaysparseError, match=message.replace("(", r"\(")):
         parse(RunSpec, {"pruning": pruning})
     assert raysparse.prune_spec(speedup=1.5).pruning.latency_target.speedup == 1.5

@@ -416,3 +416,39 @@ def test_recovery_trains_without_dropout_unless_the_spec_keeps_it(dropout, sched
     seen = {stage: {p for s, p in watch.seen if s == stage} for stage, _ in watch.seen}
     assert seen == {"finetune": {0.1}, "recover": {0.1 if dropout else 0.0}}, watch.seen   # DS trains in "recover"
     assert max(m.p for m in pipeline.model.modules() if isinstance(m, torch.nn.Dropout)) == 0.1
+
+
+def test_step_indices_visit_every_row_once_per_epoch_and_split_the_global_batch_over_ranks():
+    import random
+
+    from raysparse.training.taskdata import step_indices
+
+    rows, batch, seed = 50, 8, 3
+    epochs = [[], []]
+    for step in range(2 * rows // batch + 1):
+        positions = range(step * batch, (step + 1) * batch)
+        for position, index in zip(positions, step_indices(step, batch, rows, seed)):
+            if position < 2 * rows:
+                epochs[position // rows].append(index)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(rows)) and epochs[0] != epochs[1]
+    order = list(range(rows))   # the seeded shuffle resumed runs depend on, unchanged
+    random.Random(seed * 1_000_003 + 1).shuffle(order)
+    assert epochs[1] == order
+    # two ranks of 4 read the same rows as one rank of 8, split in rank order
+    assert step_indices(5, 4, rows, seed, 0, 2) + step_indices(5, 4, rows, seed, 1, 2) == step_indices(5, 8, rows, seed)
+
+
+@pytest.mark.timeout(300)
+def test_head_ratio_runs_the_pipeline_and_preflight_refuses_a_ratio_the_shape_cannot_take(tiny_model_dir):
+    """Heads lose half the target share (1 of 4 per layer at 0.5), neurons the rest: still exact, and
+    recovery trains that shape; a ratio that needs more neurons than there are is one line before any work."""
+    pipeline = run_in_process(tiny_spec(tiny_model_dir, "head-ratio", sparsity=0.5, head_ratio=0.5))
+    mask = pipeline.state.masks["shared"]
+    assert int((~mask.kept_heads).sum()) == round(0.25 * LAYERS * HEADS)
+    assert encoder_sparsity_of(mask, HIDDEN, HEAD_DIM) == pytest.approx(0.5, abs=params_per_neuron(HIDDEN) / 2 / TOTAL)
+    kept = structure_of(pipeline.model.encoder).to_mask()
+    assert kept.kept_heads.equal(mask.effective_heads()) and kept.kept_neurons.equal(mask.effective_neurons())
+    with pytest.raises(RaysparseError) as error:
+        preflight(as_spec(tiny_spec(tiny_model_dir, "head-ratio", sparsity=0.7, head_ratio=0.1)))
+    assert str(error.value).startswith("pruning.head_ratio: 0.1 at sparsity 0.7 needs 7% of the heads and ")
+    assert "\n" not in str(error.value)

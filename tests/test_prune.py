@@ -120,7 +120,7 @@ def test_prune_prints_the_spec_it_executes(tmp_path):
     changes in the pruning: tests/test_cli_flags.py)."""
     proc = run_cli("prune", "--sparsity", "0.3", "--algorithm", "magnitude", "--languages", "de,fr",
                    "--recover-steps", "7", "--scope", "per-layer", "--normalize", "none", "--round-to", "4",
-                   "--steps", "3", "--print-spec", timeout=120)
+                   "--head-ratio", "0.6", "--steps", "3", "--print-spec", timeout=120)
     assert proc.returncode == 0, proc.stderr
     from raysparse.config import RunSpec, parse
     import yaml
@@ -128,6 +128,7 @@ def test_prune_prints_the_spec_it_executes(tmp_path):
     spec = parse(RunSpec, yaml.safe_load(proc.stdout))
     assert (spec.pruning.sparsity, spec.pruning.algorithm, spec.recovery.steps) == (0.3, "magnitude", 7)
     assert (spec.pruning.scope, spec.pruning.normalize, spec.pruning.round_to) == ("per-layer", "none", 4)
+    assert spec.pruning.head_ratio == 0.6
     assert (spec.pruning.schedule, spec.pruning.iterations) == ("iterative", 3)
     assert spec.data.task == "tatoeba" and spec.data.languages == ["de", "fr"] and spec.finetune.steps == 0
 

@@ -1,9 +1,10 @@
 """Turn unit scores into a Mask at a target encoder sparsity.
 
 Heads and neurons are ranked separately (docs/METHOD.md: a joint score-per-parameter ranking
-removes almost every head) and each type loses the target share of its units; the
-neuron count absorbs the rounding of the head count, so the achieved encoder sparsity
-is the target to within half a neuron's parameters.
+removes almost every head) and each type loses the target share of its units, or heads
+``head_ratio`` times that share and neurons the rest of the target; the neuron count absorbs
+the rounding of the head count, so the achieved encoder sparsity is the target to within half
+a neuron's parameters.
 
 :func:`select_to_latency` selects to a latency budget instead: heads and neurons ranked together
 by importance per millisecond a latency table says they cost, the least valuable removed until
@@ -33,11 +34,16 @@ class Selection:
     normalize: Normalize = "l2"
     round_to: int = 1          # kept heads/neurons per layer rounded to a multiple (1 = exact)
     min_heads_per_layer: int = 0
+    # heads lose head_ratio x the target share of their units, neurons make up the rest: 0.6 at 50%
+    # encoder sparsity removes 30% of the heads and 60% of the neurons of a BERT-shaped encoder
+    head_ratio: float = 1.0
 
     def __post_init__(self):
         expect(self.scope in ("global", "per-layer"), f"pruning.scope: expected 'global' or 'per-layer', got {self.scope!r}")
         expect(self.normalize in ("none", "l2"), f"pruning.normalize: expected 'none' or 'l2', got {self.normalize!r}")
         expect(isinstance(self.round_to, int) and self.round_to >= 1, f"pruning.round_to: expected an integer >= 1, got {self.round_to!r}")
+        number = isinstance(self.head_ratio, (int, float)) and not isinstance(self.head_ratio, bool)
+        expect(number and self.head_ratio >= 0, f"pruning.head_ratio: expected a number >= 0, got {self.head_ratio!r}")
 
 
 def check_sparsity(sparsity: float, field: str = "pruning.sparsity") -> float:
@@ -53,10 +59,20 @@ def _normalize_rows(scores: torch.Tensor) -> torch.Tensor:
     return scores / norms
 
 
-def _remove_counts(sparsity: float, num_heads: int, num_neurons: int, per_head: int, per_neuron: int) -> tuple[int, int]:
-    """Units of each type to remove so removed parameters are closest to the target."""
-    target = sparsity * (num_heads * per_head + num_neurons * per_neuron)
-    heads = round(sparsity * num_heads)
+def removal_counts(sparsity: float, num_heads: int, num_neurons: int, per_head: int, per_neuron: int,
+                   head_ratio: float = 1.0) -> tuple[int, int]:
+    """Units of each type to remove so removed parameters are closest to the target: heads
+    ``head_ratio`` times the target share of theirs, neurons the rest."""
+    head_params, neuron_params = num_heads * per_head, num_neurons * per_neuron
+    target = sparsity * (head_params + neuron_params)
+    lowest = max(0.0, (target - neuron_params) / (sparsity * head_params)) if sparsity > 0 else 0.0
+    if head_ratio * sparsity > 1 or head_ratio < lowest - 1e-9:
+        highest = "" if sparsity == 0 else f" to {1 / sparsity:.2f}"
+        raise RaysparseError(f"pruning.head_ratio: {head_ratio:g} at sparsity {sparsity:g} needs "
+                             f"{min(head_ratio * sparsity, 9.99):.0%} of the heads and "
+                             f"{max(0.0, target - head_ratio * sparsity * head_params) / neuron_params:.0%} of the "
+                             f"neurons removed (expected a ratio from {lowest:.2f}{highest} at this sparsity)")
+    heads = round(head_ratio * sparsity * num_heads)
     neurons = round((target - heads * per_head) / per_neuron)
     return heads, min(max(neurons, 0), num_neurons)
 
@@ -111,8 +127,9 @@ def select_mask(scores: UnitScores, sparsity: float, hidden_size: int, head_dim:
         neurons = neurons.masked_fill(~base.effective_neurons(), float("-inf"))
     if selection.normalize == "l2":
         heads, neurons = _normalize_rows(heads), _normalize_rows(neurons)
-    n_heads, n_neurons = _remove_counts(sparsity, heads.numel(), neurons.numel(),
-                                        params_per_head(hidden_size, head_dim), params_per_neuron(hidden_size))
+    n_heads, n_neurons = removal_counts(sparsity, heads.numel(), neurons.numel(),
+                                        params_per_head(hidden_size, head_dim), params_per_neuron(hidden_size),
+                                        selection.head_ratio)
     if base is not None:
         already_h, already_n = int((~base.effective_heads()).sum()), int((~base.effective_neurons()).sum())
         if already_h > n_heads or already_n > n_neurons:
@@ -188,6 +205,8 @@ def select_to_latency(scores: UnitScores, table: LatencyModel, target_ms: float,
                                         "(expected 'global')")
     expect(selection.round_to == 1, f"pruning.round_to: a latency target keeps exact counts (expected 1, got "
                                     f"{selection.round_to})")
+    expect(selection.head_ratio == 1, f"pruning.head_ratio: a latency target ranks heads and neurons together "
+                                      f"(expected 1, got {selection.head_ratio:g})")
     layers, width = scores.heads.shape
     order, already, protected = _value_order(scores, table, selection, base)
     kept_layers = base.kept_layers.clone() if base is not None else torch.ones(layers, dtype=torch.bool)

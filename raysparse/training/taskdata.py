@@ -12,6 +12,7 @@ trains on its own rows with its head's loss. The task's kind decides which
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -32,10 +33,17 @@ def step_indices(step: int, batch_size: int, num_rows: int, seed: int, rank: int
     indices = []
     for position in range(start + rank * batch_size, start + (rank + 1) * batch_size):
         epoch, offset = divmod(position, num_rows)
-        order = list(range(num_rows))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        indices.append(order[offset])
+        indices.append(epoch_order(num_rows, seed * 1_000_003 + epoch)[offset])
     return indices
+
+
+@functools.lru_cache(maxsize=8)
+def epoch_order(num_rows: int, seed: int) -> tuple[int, ...]:
+    """The seeded permutation of one epoch's rows: shuffled once per epoch, not once per row (a
+    shuffle of a 10k-row pool per row was 40 ms of every training step)."""
+    order = list(range(num_rows))
+    random.Random(seed).shuffle(order)
+    return tuple(order)
 
 
 class TaskData:

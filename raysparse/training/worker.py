@@ -168,7 +168,8 @@ class Run:
         self.frozen = frozenset(name for name, p in self.model.named_parameters() if not p.requires_grad)
         self.data = TaskData(self.spec, self.tokenizer, self.rank, self.world_size, prompt=retrieval_prompt(self.model))
         self.algorithm = build_algorithm(self.spec)
-        self.selection = Selection(self.spec.pruning.scope, self.spec.pruning.normalize, self.spec.pruning.round_to)
+        pruning = self.spec.pruning
+        self.selection = Selection(pruning.scope, pruning.normalize, pruning.round_to, head_ratio=pruning.head_ratio)
         self.teacher: nn.Module | None = None
         self.sizes: dict = {}                      # finalize: "dense" and each mask's shrunk Size
         self.observers: list[Callback] = []        # callbacks every training stage runs too (timers, notebooks)
