@@ -39,6 +39,7 @@ def test_the_benchmark_spec_is_the_benchmarks_best_configuration(data_dir):
     assert spec.data.task == "tatoeba" and len(languages["evaluation"]) == 32
     assert set(languages["scoring"]) < set(languages["evaluation"])   # XNLI pairs exist for some Tatoeba languages
     assert (spec.pruning.algorithm, spec.pruning.sparsity, spec.recovery.steps) == ("magnitude", 0.5, 270)
+    assert spec.pruning.head_ratio == 0.6   # 30% of the heads, 60% of the FFN neurons
     distillation = spec.recovery.distillation
     assert distillation.enabled and distillation.hidden and distillation.teacher_dtype == "bfloat16"
     assert not spec.recovery.dropout and spec.recovery.learning_rate == 2e-4
