@@ -134,13 +134,21 @@ def check_data(spec: RunSpec, languages: dict[str, list[str]]) -> None:
                 read_rows(found)
 
 
-def check_lengths(spec: RunSpec, location: str) -> None:
-    """Sequence lengths the model's positions cannot hold fail here, not after the whole run."""
+def _model_config(location: str) -> dict | None:
+    """The model folder's config.json, or None where it cannot be read (check_model reports that)."""
     import json
 
     try:
         config = json.loads(Path(location, "config.json").read_text())
     except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_lengths(spec: RunSpec, location: str) -> None:
+    """Sequence lengths the model's positions cannot hold fail here, not after the whole run."""
+    config = _model_config(location)
+    if config is None:
         return   # check_architecture / the loader say what is wrong with the folder
     positions = int(config.get("max_position_embeddings", 0) or 0)
     if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
@@ -154,18 +162,16 @@ def check_lengths(spec: RunSpec, location: str) -> None:
 
 def check_head_ratio(spec: RunSpec, location: str) -> None:
     """A share of heads that leaves more neurons to remove than the model has fails here (one line)."""
-    import json
-
     from raysparse.pruning.selection import removal_counts
     from raysparse.structure import params_per_head, params_per_neuron
 
     if spec.pruning.head_ratio == 1:
         return
+    config = _model_config(location) or {}
     try:
-        config = json.loads(Path(location, "config.json").read_text())
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         layers, ffn = int(config["num_hidden_layers"]), int(config["intermediate_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return   # check_model says what is wrong with the folder; selection checks the shape it finds
     removal_counts(spec.pruning.sparsity, layers * heads, layers * ffn, params_per_head(hidden, hidden // heads),
                    params_per_neuron(hidden), spec.pruning.head_ratio)
