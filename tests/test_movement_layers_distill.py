@@ -189,6 +189,26 @@ def test_hidden_state_matching_uses_the_layer_map_of_a_shrunk_student(model, bat
     assert torch.isfinite(loss) and loss.requires_grad and float(loss.detach()) > 0.5 * float(task.detach())
 
 
+def test_hidden_states_are_matched_on_real_tokens_only(model, batches):
+    """Padding positions carry nothing the pooled embedding reads: a student that differs from the
+    teacher only there has zero hidden-state loss; a difference on one real token counts."""
+    batch = batches[0]
+    real = torch.cat([side["attention_mask"].reshape(-1) for side in batch]).bool()
+    assert 0 < int(real.sum()) < real.numel()                # the pair batch is padded
+    t = teacher_outputs(model, batch)
+    assert torch.equal(t["hidden_mask"].reshape(-1), real)
+    hidden = t["hidden_states"]
+    junk = tuple(h.masked_fill(~t["hidden_mask"][..., None], 7.0) for h in hidden)
+    assert float(hidden_state_loss(junk, hidden, mask=t["hidden_mask"])) == 0
+    assert float(hidden_state_loss(junk, hidden)) > 1                 # unmasked, the padding would count
+    student = {**t, "hidden_states": junk}
+    assert float(distillation_loss(student, t, 2.0, 0.5, hidden_weight=1.0)) == pytest.approx(0, abs=1e-9)
+    first = int(real.nonzero()[0])
+    moved = tuple(h.clone() for h in hidden)
+    moved[3].reshape(-1, moved[3].shape[-1])[first] += 1.0
+    assert float(hidden_state_loss(moved, hidden, mask=t["hidden_mask"])) > 0
+
+
 def test_cached_teacher_targets_give_the_loss_the_teacher_gives(model, batches):
     """Soft targets read from a cache (computed once, on the CPU) equal running the frozen teacher."""
     teacher, student = model, copy.deepcopy(model)

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ALGORITHMS = ("gradient", "magnitude", "random", "l0", "movement", "layerdrop")
+ALGORITHMS = ("gradient", "magnitude", "activation", "random", "l0", "movement", "layerdrop")
 LEARNED = {"l0", "movement"}
 # Rates for a horizon of tens to hundreds of steps (the defaults suit thousands).
 OPTIONS = {"l0": {"lr": 1.0, "lambda_lr": 0.3, "lambda2_lr": 20.0, "ramp_fraction": 0.3},

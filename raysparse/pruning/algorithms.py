@@ -1,4 +1,4 @@
-"""The simple importance criteria: gradient (first-order Taylor), magnitude, random."""
+"""The simple importance criteria: gradient (first-order Taylor), magnitude, activation (output norm), random."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from raysparse.pruning.registry import Importance, Options, exclude_removed, reg
 from raysparse.pruning.scores import UnitScores
 from raysparse.structure import Encoder, UnitGates, attach_gates, structure_of
 from raysparse.structure.shrink import mask_rows_for
+from raysparse.structure.tokens import token_mask
 
 
 def _to_original(model: nn.Module, head_rows: list[torch.Tensor], neuron_rows: list[torch.Tensor]) -> UnitScores:
@@ -133,6 +134,78 @@ class MagnitudeImportance(Importance):
     def score(self, model, batches=None, loss_fn=None, mask=None) -> UnitScores:
         head_rows, neuron_rows = unit_sums(model, lambda p: p.float().pow(2), biases=False)
         head_rows, neuron_rows = [r.sqrt() for r in head_rows], [r.sqrt() for r in neuron_rows]
+        return exclude_removed(_to_original(model, head_rows, neuron_rows), mask)
+
+
+@register
+class ActivationImportance(Importance):
+    """What each unit adds to the residual stream on data: the root mean square, over the scoring
+    batches' real tokens, of the vector a head writes (its context through its columns of the
+    attention output) or an FFN neuron writes (its activation times its W2 column).
+
+    One forward pass per batch, no gradients. Unlike magnitude it sees which units the data drives;
+    unlike gradient it is not tied to the task's loss, so a multilingual encoder scored on a few
+    languages' text does not learn to favour those languages' loss (in the spirit of Wanda and FLAP,
+    whose structured variants weigh a unit's weights by its input activations).
+    """
+
+    name = "activation"
+    needs_data = True
+
+    class Options(Options):
+        max_batches: int | None = Field(None, ge=1)   # scoring batches to read (None: all given)
+
+    def __init__(self, max_batches: int | None = None):
+        self.max_batches = max_batches
+
+    def score(self, model, batches=None, loss_fn=None, mask=None) -> UnitScores:
+        if batches is None or loss_fn is None:
+            raise RaysparseError("pruning.algorithm: activation importance needs scoring data")
+        enc = Encoder(model)
+        outs, w2s = [enc.attention_output(layer) for layer in enc.layers], [enc.ffn_output(layer) for layer in enc.layers]
+        with torch.no_grad():   # |W_h z|^2 = z^T (W_h^T W_h) z per head; |a w2_n|^2 = a^2 |w2_n|^2 per neuron
+            per_head = [o.weight.float().reshape(o.out_features, -1, enc.head_dim) for o in outs]
+            grams = [torch.einsum("dhi,dhj->hij", w, w) for w in per_head]
+            column_norms = [w.weight.float().pow(2).sum(0) for w in w2s]
+        head_sums = [torch.zeros(g.shape[0], device=g.device) for g in grams]
+        neuron_sums = [torch.zeros_like(c) for c in column_norms]
+        inputs: list[list[torch.Tensor]] = [[] for _ in range(2 * len(outs))]
+
+        def recorder(slot: int):
+            return lambda module, args: inputs[slot].append(args[0].detach())
+
+        handles = [m.register_forward_pre_hook(recorder(i)) for i, m in enumerate([*outs, *w2s])]
+        was_training, tokens, seen = model.training, 0, 0
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    if self.max_batches is not None and seen >= self.max_batches:
+                        break
+                    loss_fn(model, batch)
+                    real = token_mask(batch)
+                    for slot, recorded in enumerate(inputs):
+                        x = torch.cat([r.reshape(-1, r.shape[-1]) for r in recorded]).float()
+                        if real is not None and real.numel() == len(x):
+                            x = x[real.reshape(-1).to(x.device)]
+                        if slot == 0:
+                            tokens += len(x)
+                        if slot < len(outs):
+                            z = x.reshape(len(x), -1, enc.head_dim)
+                            head_sums[slot] += (torch.einsum("nhi,hij->nhj", z, grams[slot]) * z).sum((0, 2))
+                        else:
+                            layer = slot - len(outs)
+                            neuron_sums[layer] += x.pow(2).sum(0) * column_norms[layer]
+                        recorded.clear()
+                    seen += 1
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        if seen == 0:
+            raise RaysparseError("pruning.data: activation importance received no batches")
+        head_rows = [(h / tokens).sqrt() for h in head_sums]
+        neuron_rows = [(n / tokens).sqrt() for n in neuron_sums]
         return exclude_removed(_to_original(model, head_rows, neuron_rows), mask)
 
 

@@ -6,7 +6,9 @@ Pure functions over model outputs (dicts, transformers ``ModelOutput`` s or bare
   (Hinton et al.); QA start/end logits are distilled separately over positions;
   retrieval models without logits distil their in-batch similarity distribution
   (cosine similarities / ``similarity_temperature``, each row over the other rows);
-* hidden states (optional): MSE between matched layers, the embedding output included.
+* hidden states (optional): MSE between matched layers, the embedding output included, over
+  the batch's real tokens (padding positions carry nothing the pooled output reads; counting
+  them spends the student's capacity on copying the teacher's junk there).
   A shrunk student's layer ``p`` is the original layer ``structure_of(student).layers[p]``
   and is matched to that layer of the teacher (:func:`layer_map_for`).
 
@@ -36,6 +38,7 @@ from torch import nn
 
 from raysparse.errors import RaysparseError
 from raysparse.structure import Encoder, Mask, structure_of
+from raysparse.structure.tokens import token_mask
 from raysparse.training.loop import Callback, Forward
 
 Outputs = dict[str, Any]
@@ -111,7 +114,11 @@ def forward_outputs(model: nn.Module, batch: Any, hidden_states: bool = False,
     with record_hidden_states(model) as passes:
         out = as_outputs(forward(model, batch))
     out["hidden_states"] = stack_hidden_states(passes)
+    mask = token_mask(batch)
+    if mask is not None and out["hidden_states"] and mask.numel() == out["hidden_states"][0].shape[:-1].numel():
+        out["hidden_mask"] = mask.reshape(out["hidden_states"][0].shape[:-1]).to(out["hidden_states"][0].device)
     return out
+
 
 
 def teacher_outputs(teacher: nn.Module, batch: Any, hidden_states: bool = True,
@@ -185,8 +192,10 @@ def similarity_logits(embeddings: torch.Tensor, similarity_temperature: float = 
     return sims[~torch.eye(n, dtype=torch.bool, device=sims.device)].reshape(n, n - 1)
 
 
-def hidden_state_loss(student_hidden, teacher_hidden, layer_map: Mapping[int, int] | None = None) -> torch.Tensor:
-    """Mean over matched layers of the MSE between hidden states."""
+def hidden_state_loss(student_hidden, teacher_hidden, layer_map: Mapping[int, int] | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over matched layers of the MSE between hidden states, over the positions ``mask`` keeps
+    (a bool tensor shaped like the states without their last dim; None: every position)."""
     if layer_map is None:
         if len(student_hidden) != len(teacher_hidden):
             raise RaysparseError(f"distillation: the student has {len(student_hidden)} hidden states and the teacher "
@@ -194,7 +203,14 @@ def hidden_state_loss(student_hidden, teacher_hidden, layer_map: Mapping[int, in
         layer_map = {i: i for i in range(len(student_hidden))}
     if not layer_map:
         raise RaysparseError("distillation: the layer map matches no layers")
-    losses = [F.mse_loss(student_hidden[s].float(), teacher_hidden[t].float()) for s, t in layer_map.items()]
+    if mask is None:
+        losses = [F.mse_loss(student_hidden[s].float(), teacher_hidden[t].float()) for s, t in layer_map.items()]
+        return torch.stack(losses).mean()
+    # weight the squared errors instead of gathering the real tokens: no copies, a cheaper backward
+    weight = mask[..., None].float()
+    count = weight.sum() * student_hidden[0].shape[-1]
+    losses = [((student_hidden[s].float() - teacher_hidden[t].float()).square() * weight).sum() / count
+              for s, t in layer_map.items()]
     return torch.stack(losses).mean()
 
 
@@ -238,7 +254,7 @@ def distillation_loss(student_out: Outputs, teacher_out: Outputs, temperature: f
             raise RaysparseError("distillation: hidden-state matching needs hidden states from both models "
                                  "(forward_outputs(..., hidden_states=True))")
         terms.append(hidden_weight * hidden_state_loss(student_out["hidden_states"], teacher_out["hidden_states"],
-                                                       layer_map))
+                                                       layer_map, student_out.get("hidden_mask")))
     if embedding_weight > 0 and "embeddings" in student_out and "embeddings" in teacher_out:
         terms.append(embedding_weight * F.mse_loss(student_out["embeddings"].float(), teacher_out["embeddings"].float()))
     if not terms:
