@@ -20,7 +20,8 @@ sub-block output alone instead of Kwon et al.'s pre-LayerNorm sum (output + resi
 Measured 2026-12-02 (2 threads, load average 2.3-2.8 from other work): dense 0.877 (worst 0.628);
 as selected 0.645 (73.5%, worst 0.310 et), 0.46 CPU min; tuned 0.708 (80.7%, worst 0.382 et), 0.61
 CPU min of which tuning 15 CPU s. Target (issue 17): with tuning >= 80% of the dense average from
-<= 2 CPU minutes: met.
+<= 2 CPU minutes: met. ``--algorithm activation`` (2026-12-06, idle): as selected 0.642 (73.1%), 0.24 CPU
+min; tuned 0.690 (78.6%), 0.59 CPU min.
 
     .venv/bin/python experiments/bench/retraining_free.py                          # ~15 min on 2 idle cores
     .venv/bin/python experiments/bench/retraining_free.py --skip-eval-examples 500 --eval-pairs 200 \\
@@ -44,10 +45,10 @@ TARGET = {"share": 0.80, "cpu_min": 2.0}
 def spec_for(args, tune: bool) -> dict:
     from raysparse.standalone import prune_spec
 
-    spec = prune_spec(sparsity=args.sparsity, algorithm="gradient", scoring_pairs=args.scoring_pairs,
+    spec = prune_spec(sparsity=args.sparsity, algorithm=args.algorithm, scoring_pairs=args.scoring_pairs,
                       eval_pairs=args.eval_examples, seed=args.seed, latency=False, tune_masks=tune,
                       languages=args.languages.split(",") if args.languages else None).model_dump()
-    spec["name"] = f"retraining-free-{'tuned' if tune else 'plain'}"
+    spec["name"] = f"retraining-free-{args.algorithm}-{'tuned' if tune else 'plain'}"
     spec["data"].update(evaluate_dense=False, skip_eval_examples=args.skip_eval_examples)
     spec["pruning"]["mask_tuning"].update(examples=args.examples, damping=args.damping)
     spec["finetune"]["cache"] = False
@@ -57,6 +58,7 @@ def spec_for(args, tune: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--algorithm", default="gradient", help="importance criterion (activation: no gradients)")
     parser.add_argument("--languages", default=None, help="Tatoeba languages (default: every one present)")
     parser.add_argument("--eval-pairs", dest="eval_examples", type=int, default=500, help="Tatoeba pairs per language")
     parser.add_argument("--skip-eval-examples", type=int, default=0,
