@@ -120,7 +120,6 @@ def forward_outputs(model: nn.Module, batch: Any, hidden_states: bool = False,
     return out
 
 
-
 def teacher_outputs(teacher: nn.Module, batch: Any, hidden_states: bool = True,
                     forward: Callable[[nn.Module, Any], Any] | None = None, dtype: str = "float32") -> Outputs:
     """The teacher's outputs under ``no_grad`` in eval mode (its mode is restored), as float32.
@@ -203,15 +202,14 @@ def hidden_state_loss(student_hidden, teacher_hidden, layer_map: Mapping[int, in
         layer_map = {i: i for i in range(len(student_hidden))}
     if not layer_map:
         raise RaysparseError("distillation: the layer map matches no layers")
-    if mask is None:
-        losses = [F.mse_loss(student_hidden[s].float(), teacher_hidden[t].float()) for s, t in layer_map.items()]
-        return torch.stack(losses).mean()
-    # weight the squared errors instead of gathering the real tokens: no copies, a cheaper backward
-    weight = mask[..., None].float()
-    count = weight.sum() * student_hidden[0].shape[-1]
-    losses = [((student_hidden[s].float() - teacher_hidden[t].float()).square() * weight).sum() / count
-              for s, t in layer_map.items()]
-    return torch.stack(losses).mean()
+    # weight the squared errors rather than gather the real tokens: no copies, a cheaper backward
+    weight = None if mask is None else mask[..., None].float()
+
+    def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        error = (student.float() - teacher.float()).square()
+        return error.mean() if weight is None else (error * weight).sum() / (weight.sum() * error.shape[-1])
+
+    return torch.stack([mse(student_hidden[s], teacher_hidden[t]) for s, t in layer_map.items()]).mean()
 
 
 def soft_loss(student_out: Outputs, teacher_out: Outputs, temperature: float,
