@@ -123,5 +123,6 @@ def test_search_survives_a_killed_driver_and_tracks_every_trial_once(tmp_path, t
     logged = json.load(open(os.path.join(local, "pareto.json")))
     metrics, modes = [m for m, _ in OBJECTIVES], [o for _, o in OBJECTIVES]
     expected = {r["trial"] for r in brute_force_front(rows, metrics, modes)}
-    assert {r["trial"] for r in logged["front"]} == expected
+    statuses = {r["trial"]: r["status"] for r in logged["trials"]}   # how the driver saw each trial end
+    assert {r["trial"] for r in logged["front"]} == expected, f"{statuses}\n{resumed.stdout[-4000:]}"
     assert {"pareto.png", "quality_vs_sparsity.png", "trials.txt", "pareto.txt"} <= set(os.listdir(local))
