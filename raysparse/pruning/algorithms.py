@@ -91,11 +91,8 @@ def mean_gate_gradients(model: nn.Module, gates: UnitGates, targets: list[torch.
     return [total / seen for total in sums]
 
 
-@register
-class GradientImportance(Importance):
-    """Michel et al. (2019): mean |dL/dgate| over batches, a gate on every head and neuron."""
-
-    name = "gradient"
+class ScoredOnBatches(Importance):
+    """A criterion that reads scoring batches, optionally only the first ``max_batches``."""
 
     class Options(Options):
         max_batches: int | None = Field(None, ge=1)   # scoring batches to read (None: all given)
@@ -103,6 +100,13 @@ class GradientImportance(Importance):
 
     def __init__(self, max_batches: int | None = None):
         self.max_batches = max_batches
+
+
+@register
+class GradientImportance(ScoredOnBatches):
+    """Michel et al. (2019): mean |dL/dgate| over batches, a gate on every head and neuron."""
+
+    name = "gradient"
 
     def score(self, model, batches=None, loss_fn=None, mask=None) -> UnitScores:
         if batches is None or loss_fn is None:
@@ -138,7 +142,7 @@ class MagnitudeImportance(Importance):
 
 
 @register
-class ActivationImportance(Importance):
+class ActivationImportance(ScoredOnBatches):
     """What each unit adds to the residual stream on data: the root mean square, over the scoring
     batches' real tokens, of the vector a head writes (its context through its columns of the
     attention output) or an FFN neuron writes (its activation times its W2 column).
@@ -150,13 +154,6 @@ class ActivationImportance(Importance):
     """
 
     name = "activation"
-    needs_data = True
-
-    class Options(Options):
-        max_batches: int | None = Field(None, ge=1)   # scoring batches to read (None: all given)
-
-    def __init__(self, max_batches: int | None = None):
-        self.max_batches = max_batches
 
     def score(self, model, batches=None, loss_fn=None, mask=None) -> UnitScores:
         if batches is None or loss_fn is None:
