@@ -438,6 +438,47 @@ def test_step_indices_visit_every_row_once_per_epoch_and_split_the_global_batch_
     assert step_indices(5, 4, rows, seed, 0, 2) + step_indices(5, 4, rows, seed, 1, 2) == step_indices(5, 8, rows, seed)
 
 
+def test_length_grouped_order_keeps_every_row_once_per_epoch_across_ranks_and_epoch_boundaries():
+    import random
+
+    from raysparse.training.taskdata import RowLengths, step_indices
+
+    rows, batch, seed = 203, 4, 5   # 203 rows: later epochs start inside a global batch
+    lengths = RowLengths(random.Random(0).randint(4, 64) for _ in range(rows))
+    for ranks in (1, 2):
+        read = [index for step in range(3 * rows // (batch * ranks) + 2) for rank in range(ranks)
+                for index in step_indices(step, batch, rows, seed, rank, ranks, lengths)]
+        for epoch in range(3):
+            assert sorted(read[epoch * rows:(epoch + 1) * rows]) == list(range(rows)), (ranks, epoch)
+        spans = [[lengths.values[i] for i in read[k:k + batch * ranks]]
+                 for k in range(0, 3 * rows - batch * ranks, batch * ranks)]
+        assert sum(max(s) - min(s) for s in spans) / len(spans) < 8, ranks   # 60 on average unsorted
+
+
+@pytest.mark.timeout(120)
+def test_grouping_by_length_cuts_the_padding_of_real_translation_pairs_and_resumes_exactly(tiny_model_dir):
+    """XNLI de-en pairs through the contrastive batches: grouped, a batch is mostly real tokens; a fresh
+    TaskData (a resumed run) builds the same batch for the same step."""
+    from raysparse.models.sources import load_tokenizer
+    from raysparse.training.taskdata import TaskData
+
+    def task_data(group: bool) -> TaskData:
+        spec = as_spec({**tiny_spec(tiny_model_dir, "grouped"),
+                        "data": {"task": "tatoeba", "languages": ["de"], "max_train_examples": 256, "max_length": 64,
+                                 "group_by_length": group}})
+        return TaskData(spec, load_tokenizer(str(tiny_model_dir)), prompt="query: ")
+
+    padding = {}
+    for group in (False, True):
+        data = task_data(group)
+        rows = data.pool(["de"])
+        masks = [data.batch(rows, step, 8)["attention_mask"] for step in range(len(rows) // 8)]
+        padding[group] = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert padding[False] > 0.3 and padding[True] < padding[False] / 3, padding
+    again = task_data(True)
+    assert torch.equal(again.batch(again.pool(["de"]), 13, 8)["input_ids"], data.batch(rows, 13, 8)["input_ids"])
+
+
 @pytest.mark.timeout(300)
 def test_head_ratio_runs_the_pipeline_and_preflight_refuses_a_ratio_the_shape_cannot_take(tiny_model_dir):
     """Heads lose half the target share (1 of 4 per layer at 0.5), neurons the rest: still exact, and

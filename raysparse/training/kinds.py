@@ -40,12 +40,19 @@ class Objective:
         """The loss from a TaskModel forward over such a batch."""
         raise NotImplementedError
 
+    def lengths(self, data: TaskData, rows: Sequence) -> list[int]:
+        """Each row's length in tokens, as its batch would pad it (for ``data.group_by_length``)."""
+        raise NotImplementedError
+
 
 class HeadObjective(Objective):
     name = "head"
 
     def batch(self, data, rows):
         return PaddingCollator(data.tokenizer.pad_token_id)(rows)
+
+    def lengths(self, data, rows):
+        return [len(row["input_ids"]) for row in rows]
 
     def loss(self, outputs):
         return outputs["loss"]
@@ -59,6 +66,14 @@ class ContrastiveObjective(Objective):
 
         sources, targets = zip(*rows)   # one forward over both sides (DDP syncs once)
         return dict(tokenize(data.tokenizer, [*sources, *targets], data.prompt, data.spec.data.max_length))
+
+    def lengths(self, data, rows):
+        """The longer side of each pair, with the prompt and special tokens, truncated as a batch is."""
+        if not rows:
+            return []
+        sides = [data.tokenizer([data.prompt + text for text in side], truncation=True,
+                                max_length=data.spec.data.max_length)["input_ids"] for side in zip(*rows)]
+        return [max(len(ids) for ids in pair) for pair in zip(*sides)]
 
     def loss(self, outputs):
         from raysparse.training.retrieval import info_nce

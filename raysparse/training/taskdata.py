@@ -26,14 +26,19 @@ from raysparse.training.batches import model_device, to_device
 from raysparse.training.kinds import objective_of
 
 
-def step_indices(step: int, batch_size: int, num_rows: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """Row indices of this rank's share of global batch ``step`` (epochs reshuffle, seeded)."""
+def step_indices(step: int, batch_size: int, num_rows: int, seed: int, rank: int = 0, world_size: int = 1,
+                 lengths: RowLengths | None = None) -> list[int]:
+    """Row indices of this rank's share of global batch ``step`` (epochs reshuffle, seeded); with
+    ``lengths``, each global batch holds rows of similar length (:func:`length_grouped_order`)."""
     global_size = batch_size * world_size
     start = step * global_size
     indices = []
     for position in range(start + rank * batch_size, start + (rank + 1) * batch_size):
         epoch, offset = divmod(position, num_rows)
-        indices.append(epoch_order(num_rows, seed * 1_000_003 + epoch)[offset])
+        epoch_seed = seed * 1_000_003 + epoch
+        order = (epoch_order(num_rows, epoch_seed) if lengths is None else
+                 length_grouped_order(lengths, global_size, epoch_seed, (-epoch * num_rows) % global_size))
+        indices.append(order[offset])
     return indices
 
 
@@ -46,6 +51,40 @@ def epoch_order(num_rows: int, seed: int) -> tuple[int, ...]:
     return tuple(order)
 
 
+class RowLengths:
+    """The token lengths of a pool's rows, hashed by identity: the grouped order of an epoch is
+    cached per pool without hashing thousands of lengths at every row."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values) -> None:
+        self.values = tuple(values)
+
+
+GROUP_BATCHES = 64   # global batches whose rows are sorted by length together
+
+
+@functools.lru_cache(maxsize=8)
+def length_grouped_order(lengths: RowLengths, global_size: int, seed: int, phase: int = 0) -> tuple[int, ...]:
+    """The epoch's permutation (:func:`epoch_order`), each run of ``GROUP_BATCHES`` global batches
+    re-cut into batches of rows of similar length, in a seeded order.
+
+    Every row still comes once per epoch and a batch still mixes languages, but a padded batch
+    is mostly real tokens: on XNLI translation pairs padding was 45% of what a contrastive
+    step computed. ``phase`` rows first complete the batch that began in the previous epoch.
+    """
+    order = epoch_order(len(lengths.values), seed)
+    rng, span = random.Random(seed + 1), global_size * GROUP_BATCHES
+    grouped = list(order[:phase])
+    for start in range(phase, len(order), span):
+        part = sorted(order[start:start + span], key=lambda i: lengths.values[i])
+        batches = [part[i:i + global_size] for i in range(0, len(part), global_size)]
+        tail = batches.pop() if len(batches[-1]) < global_size else []   # the epoch's last, partial batch stays last
+        rng.shuffle(batches)
+        grouped += [i for batch in batches for i in batch] + tail
+    return tuple(grouped)
+
+
 class TaskData:
     """Training/scoring batches of one task for the languages a stage asks for."""
 
@@ -56,6 +95,7 @@ class TaskData:
         self.objective = objective_of(self.task)     # batches and loss of the task's kind
         self.rank, self.world_size = rank, world_size
         self._features: dict[str, list] = {}
+        self._lengths: dict[int, tuple[list, RowLengths]] = {}
         self.sources: dict[str, str] = {}
 
     @property
@@ -91,8 +131,17 @@ class TaskData:
         if not rows:
             raise RaysparseError(f"data: no training rows for {self.task.name}")
         chosen = [rows[i] for i in step_indices(step, batch_size, len(rows), self.spec.seed + salt, self.rank,
-                                                self.world_size)]
+                                                self.world_size, self.lengths(rows))]
         return self.objective.batch(self, chosen)
+
+    def lengths(self, rows: list) -> RowLengths | None:
+        """The token lengths of ``rows`` (a pool), measured once, when ``data.group_by_length`` is on."""
+        if not self.spec.data.group_by_length:
+            return None
+        known = self._lengths.get(id(rows))
+        if known is None or known[0] is not rows:
+            known = self._lengths[id(rows)] = (rows, RowLengths(self.objective.lengths(self, rows)))
+        return known[1]
 
     def batches(self, rows: list, start: int, count: int, batch_size: int, salt: int = 0) -> list:
         return [self.batch(rows, step, batch_size, salt) for step in range(start, start + count)]

@@ -456,7 +456,8 @@ class Run:
                         "task": spec.data.train_task or spec.data.task,
                         "data_dir": str(data_dir(spec.data.dir)), "languages": sorted(self.languages["finetune"]),
                         "data": spec.data.model_dump(include={"regime", "train_fraction", "max_train_examples",
-                                                               "max_length", "doc_stride"}),
+                                                               "max_length", "doc_stride",
+                                                               "group_by_length"}),
                         "finetune": spec.finetune.model_dump(exclude={"cache", "evaluate_every"}), "seed": spec.seed}
         return store, stage_key("finetune", determinants)
 
