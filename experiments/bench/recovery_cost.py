@@ -10,6 +10,8 @@ as in that spec) three ways in this process, each through the run pipeline:
           how recovery ran before);
 * shrunk: the model physically shrunk to the mask, then trained (``recovery.shrink: true``,
           the default now), the teacher running beside the student;
+* ungrouped: shrunk, with ``data.group_by_length`` off when the spec turns it on (batches padded to
+          their longest row whatever the others; compared by the mean step, the batches differing);
 * dense-c, cached: dense and shrunk again, with the teacher's soft targets read from the stage
           cache (what every trial of a search after the first pays; the one-off cost of
           computing them, paid by dense-c here, is printed).
@@ -109,6 +111,8 @@ def main() -> None:
     parser.add_argument("--head-ratio", default="spec",
                         help="pruning.head_ratio: heads lose this x the target share, neurons the rest (1: an even "
                              "split, as the issue's figures were measured; default: the spec's)")
+    parser.add_argument("--group-by-length", choices=("spec", "on", "off"), default="spec",
+                        help="batches of rows of similar length (the spec: on); on adds the ungrouped variant")
     parser.add_argument("--no-eval", action="store_true", help="time the steps only (no Tatoeba evaluation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,6 +130,8 @@ def main() -> None:
         data["recovery"]["dropout"] = args.dropout == "on"
     if args.head_ratio != "spec":
         data["pruning"]["head_ratio"] = float(args.head_ratio)
+    if args.group_by_length != "spec":
+        data["data"]["group_by_length"] = args.group_by_length == "on"
     base = parse(RunSpec, data)
     base = parse(RunSpec, variant(base, **{"pruning.algorithm": "gradient", "recovery.steps": args.steps,
                                           "data.max_eval_examples": args.eval_pairs,
@@ -136,11 +142,14 @@ def main() -> None:
           f"{base.pruning.head_ratio:g}), {args.steps} recovery "
           f"steps (batch {base.finetune.batch_size}, length {base.data.max_length}, distillation "
           f"{'on' if base.recovery.distillation.enabled else 'off'}, hidden {base.recovery.distillation.hidden}, teacher "
-          f"{base.recovery.distillation.teacher_dtype}, dropout {'on' if base.recovery.dropout else 'off'}), {args.threads} threads; Tatoeba: "
+          f"{base.recovery.distillation.teacher_dtype}, dropout {'on' if base.recovery.dropout else 'off'}, grouped by length {base.data.group_by_length}), "
+          f"{args.threads} threads; Tatoeba: "
           f"{len(languages['evaluation'])} languages, first {args.eval_pairs} pairs", flush=True)
     variants = {"dense": variant(base, **{"pruning.sparsity": 0.0}),
                 "gated": variant(base, **{"recovery.shrink": False}),
                 "shrunk": variant(base, **{"recovery.shrink": True})}
+    if base.data.group_by_length:
+        variants["ungrouped"] = variant(base, **{"recovery.shrink": True, "data.group_by_length": False})
     distill = base.recovery.distillation
     if distill.enabled and distill.cache_targets and not distill.hidden:   # the teacher's soft targets from the stage cache, as every trial after a search's first
         variants["dense-c"], variants["cached"] = variants["dense"], variants["shrunk"]
@@ -204,6 +213,10 @@ def main() -> None:
     print(f"\nstep by step on the same batches: shrunk/dense {ratio:.2f} (target <= 0.55): "
           f"{'met' if ratio <= 0.55 else 'NOT met'}; gated/dense {paired('gated', 'dense'):.2f}; "
           f"shrunk/gated {paired('shrunk', 'gated'):.2f}")
+    if "ungrouped" in ms:
+        grouped, ungrouped = statistics.mean(times["shrunk"]), statistics.mean(times["ungrouped"])
+        print(f"grouping by length: shrunk {1000 * grouped:.0f} against {1000 * ungrouped:.0f} ms per step on "
+              f"average ungrouped ({grouped / ungrouped:.2f})")
     if "cached" in ms:
         cached = paired("cached", "dense-c")
         print(f"with cached teacher targets (both): shrunk/dense {cached:.2f} (target <= 0.55): "
