@@ -95,6 +95,7 @@ class TaskData:
         self.objective = objective_of(self.task)     # batches and loss of the task's kind
         self.rank, self.world_size = rank, world_size
         self._features: dict[str, list] = {}
+        self._pools: dict[tuple[str, tuple[str, ...]], list] = {}
         self._lengths: dict[int, tuple[list, RowLengths]] = {}
         self.sources: dict[str, str] = {}
 
@@ -122,9 +123,13 @@ class TaskData:
 
     def pool(self, languages: list[str], fine_tuning: bool = False) -> list:
         """All training rows of ``languages``, in a fixed order; ``fine_tuning``: of ``data.train_task``
-        when the spec names one (the task's own rows otherwise)."""
+        when the spec names one (the task's own rows otherwise). The same list each time it is asked
+        for (read it, do not change it): every stage then shares its lengths, measured once."""
         task = get_task(self.spec.data.train_task) if fine_tuning and self.spec.data.train_task else self.task
-        return [row for language in sorted(languages) for row in self._language_features(language, task)]
+        key = (task.name, tuple(sorted(languages)))
+        if key not in self._pools:
+            self._pools[key] = [row for language in key[1] for row in self._language_features(language, task)]
+        return self._pools[key]
 
     # --- batches ---------------------------------------------------------------------
     def batch(self, rows: list, step: int, batch_size: int, salt: int = 0):
