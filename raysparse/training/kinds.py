@@ -69,8 +69,6 @@ class ContrastiveObjective(Objective):
 
     def lengths(self, data, rows):
         """The longer side of each pair, with the prompt and special tokens, truncated as a batch is."""
-        if not rows:
-            return []
         sides = [data.tokenizer([data.prompt + text for text in side], truncation=True,
                                 max_length=data.spec.data.max_length)["input_ids"] for side in zip(*rows)]
         return [max(len(ids) for ids in pair) for pair in zip(*sides)]
