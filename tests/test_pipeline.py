@@ -479,6 +479,43 @@ def test_grouping_by_length_cuts_the_padding_of_real_translation_pairs_and_resum
     assert torch.equal(again.batch(again.pool(["de"]), 13, 8)["input_ids"], data.batch(rows, 13, 8)["input_ids"])
 
 
+def test_pairs_of_one_english_sentence_are_not_each_others_negatives(tiny_model_dir):
+    """Real XNLI pairs of three languages, grouped by length: translations of one English sentence meet in a
+    batch; the batch says which pairs share their sentence, and the contrastive loss does not count them as
+    negatives (a model that embeds each sentence and its translations alike has no loss left)."""
+    from raysparse.models.heads import TaskModel
+    from raysparse.models.sources import load_tokenizer
+    from raysparse.training.retrieval import info_nce
+    from raysparse.training.taskdata import TaskData, step_indices
+
+    languages = ["de", "es", "fr"]
+    spec = as_spec({**tiny_spec(tiny_model_dir, "false-negatives"),
+                    "data": {"task": "tatoeba", "languages": languages, "max_train_examples": 200, "max_length": 64,
+                             "group_by_length": True}})
+    data = TaskData(spec, load_tokenizer(str(tiny_model_dir)), prompt="query: ")
+    rows = data.pool(languages)
+    batches = [(data.batch(rows, step, 16), step) for step in range(len(rows) // 16)]
+    shared = [(batch, step) for batch, step in batches if len(set(batch["labels"].tolist())) < 16]
+    assert len(shared) >= 3, "grouped batches of three languages' pairs hold one English sentence twice"
+    batch, step = shared[0]
+    chosen = [rows[i] for i in step_indices(step, 16, len(rows), spec.seed, 0, 1, data.lengths(rows))]
+    labels = batch["labels"].tolist()
+    assert all((labels[i] == labels[j]) == (chosen[i][1] == chosen[j][1]) for i in range(16) for j in range(16))
+
+    ideal = torch.nn.functional.one_hot(batch["labels"], 16).float()   # translations embedded alike
+    assert info_nce(ideal, ideal, groups=batch["labels"]) < 1e-6
+    sizes = torch.bincount(batch["labels"])[batch["labels"]].float()   # unmasked: log(group size) per row
+    assert info_nce(ideal, ideal) == pytest.approx(float(sizes.log().mean()), rel=1e-3) and sizes.max() > 1
+    model = TaskModel(raysparse.load_model(str(tiny_model_dir)), "retrieval").eval()
+    with torch.no_grad():
+        outputs = model(**batch)
+        half = len(outputs["embeddings"]) // 2
+        grouped = info_nce(outputs["embeddings"][:half], outputs["embeddings"][half:], groups=batch["labels"])
+        assert data.loss(model, batch) == pytest.approx(float(grouped))
+        assert float(grouped) != pytest.approx(float(info_nce(outputs["embeddings"][:half],
+                                                              outputs["embeddings"][half:])))
+
+
 @pytest.mark.timeout(300)
 def test_head_ratio_runs_the_pipeline_and_preflight_refuses_a_ratio_the_shape_cannot_take(tiny_model_dir):
     """Heads lose half the target share (1 of 4 per layer at 0.5), neurons the rest: still exact, and

@@ -85,7 +85,8 @@ class SpanHead(Head):
 
 
 class EmbeddingHead(Head):
-    """retrieval: no head; the normalised mean of the token states."""
+    """retrieval: no head; the normalised mean of the token states. ``labels`` (one per translation
+    pair of a contrastive batch: which English sentence it has) pass through to the loss."""
 
     output_keys = ("embeddings",)
     per_token = False
@@ -94,7 +95,10 @@ class EmbeddingHead(Head):
         return nn.Identity()
 
     def outputs(self, model, hidden, attention_mask, labels=None, start_positions=None, end_positions=None):
-        return {"embeddings": F.normalize(mean_pool(hidden, attention_mask), dim=-1)}
+        outputs = {"embeddings": F.normalize(mean_pool(hidden, attention_mask), dim=-1)}
+        if labels is not None:
+            outputs["labels"] = labels
+        return outputs
 
 
 HEADS: dict[str, Head] = {"pair_classification": ClassificationHead(), "tagging": TaggingHead(), "qa": SpanHead(),

@@ -65,7 +65,10 @@ class ContrastiveObjective(Objective):
         from raysparse.training.retrieval import tokenize
 
         sources, targets = zip(*rows)   # one forward over both sides (DDP syncs once)
-        return dict(tokenize(data.tokenizer, [*sources, *targets], data.prompt, data.spec.data.max_length))
+        batch = dict(tokenize(data.tokenizer, [*sources, *targets], data.prompt, data.spec.data.max_length))
+        first = {}   # pairs of one English sentence share an id: not each other's negatives (info_nce)
+        batch["labels"] = torch.tensor([first.setdefault(target, len(first)) for target in targets])
+        return batch
 
     def lengths(self, data, rows):
         """The longer side of each pair, with the prompt and special tokens, truncated as a batch is."""
@@ -78,7 +81,7 @@ class ContrastiveObjective(Objective):
 
         embeddings = outputs["embeddings"]
         half = len(embeddings) // 2   # sources, then their translations
-        return info_nce(embeddings[:half], embeddings[half:])
+        return info_nce(embeddings[:half], embeddings[half:], groups=outputs.get("labels"))
 
 
 OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (HeadObjective(),

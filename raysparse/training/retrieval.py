@@ -37,10 +37,20 @@ def pair_batches(tokenizer, sources: Sequence[str], targets: Sequence[str], batc
             for i in range(0, len(sources), batch_size)]
 
 
-def info_nce(source: torch.Tensor, target: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
-    """Symmetric InfoNCE: row i of ``source`` should retrieve row i of ``target`` and back."""
+def info_nce(source: torch.Tensor, target: torch.Tensor, temperature: float = 0.05,
+             groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of ``source`` should retrieve row i of ``target`` and back.
+
+    ``groups`` (one id per row): rows with the same id translate the same sentence, so they are
+    not each other's negatives. A batch of XNLI pairs in several languages often holds one English
+    sentence twice, and batches grouped by length do so in most batches (13% of rows, measured):
+    without this the loss pushes a sentence away from a true translation of itself."""
     logits = source @ target.T / temperature
     labels = torch.arange(len(logits), device=logits.device)
+    if groups is not None:
+        groups = groups.to(logits.device)
+        same = (groups[:, None] == groups[None, :]) & (labels[:, None] != labels[None, :])
+        logits = logits.masked_fill(same, float("-inf"))   # symmetric, so it holds for logits.T too
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
