@@ -86,6 +86,10 @@ class DistillationConfig(Strict):
     # the teacher's forward passes in bfloat16 (autocast): about half their time on CPUs with AMX
     # and on recent GPUs; its outputs are read as float32
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+    # the teacher's outputs for recovery rows that recur (XNLI's English side in every language, a small
+    # training set every epoch), kept in memory up to this many MiB (0: off): the teacher then runs on a
+    # batch's other rows only; hidden states are kept in teacher_dtype
+    row_cache_mb: int = Field(2048, ge=0)
 
 
 class MaskTuningConfig(Strict):

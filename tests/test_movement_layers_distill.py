@@ -229,6 +229,62 @@ def test_cached_teacher_targets_give_the_loss_the_teacher_gives(model, batches):
         Distillation(teacher, config).after_loss(0, Forward(task, batches[0]))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_batch_of_rows_met_before_is_read_from_memory_as_the_teacher_gives_it(model, embedded_tokenizer,
+                                                                               data_dir, dtype):
+    """Rows met in other batches, padded to another length and in another order, are put together from
+    what the teacher gave for them: the teacher does not run, and the distillation loss (soft targets
+    and hidden states) is the one the teacher's own pass gives. A new row, or a cache that is off or
+    full, runs the teacher."""
+    from raysparse.training.batches import build_task_model
+    from raysparse.training.retrieval import tokenize
+    from raysparse.training.teacher_cache import TeacherCache
+
+    sources, targets = parallel_pairs("xnli", ["de", "ru"], max_pairs=6, seed=3, data_dir=data_dir)
+    texts = sources[:4] + targets[:4]
+    batch = lambda rows: dict(tokenize(embedded_tokenizer, rows, "query: ", 32))   # noqa: E731
+    first = batch(texts)
+    shortest = sorted(range(len(texts)), key=lambda i: int(first["attention_mask"][i].sum()))[:4]
+    again = batch([texts[i] for i in reversed(shortest)])
+    assert again["input_ids"].shape[1] < first["input_ids"].shape[1]     # padded to another length
+    retrieval = build_task_model(model, "tatoeba")   # sentence embeddings, as recovery distils them
+    teacher = lambda b: teacher_outputs(retrieval, b, dtype=dtype)   # noqa: E731
+    student = copy.deepcopy(retrieval)
+    mask = Mask.for_model(student)
+    mask.kept_neurons[:, ::2] = False
+    shrink(student, mask)
+    with torch.no_grad():
+        student_out = forward_outputs(student, again, hidden_states=True)
+
+    cache = TeacherCache(1 << 30, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    for _ in range(2):   # a row's outputs are kept when it comes again (rows met once cost no memory)
+        cache.outputs(first, teacher)
+    assert (cache.passes, len(cache.rows)) == (2, len(texts))
+    kept = cache.outputs(again, lambda b: pytest.fail("the teacher ran on rows it has kept"))
+    assert cache.passes == 2
+    live = teacher(again)
+    assert torch.equal(kept["hidden_mask"], live["hidden_mask"])
+    torch.testing.assert_close(kept["embeddings"], live["embeddings"], atol=2e-3 if dtype == "bfloat16" else 1e-5,
+                               rtol=0)
+    for k, v in zip(kept["hidden_states"], live["hidden_states"]):
+        torch.testing.assert_close(k[live["hidden_mask"]], v[live["hidden_mask"]], rtol=0,
+                                   atol=0.1 if dtype == "bfloat16" else 1e-4)
+    losses = [float(distillation_loss(student_out, out, 2.0, 0.5, hidden_weight=1.0)) for out in (kept, live)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3 if dtype == "bfloat16" else 1e-5)
+
+    mixed = batch([sources[4], texts[shortest[0]], targets[4], texts[shortest[1]]])   # two new rows, two kept
+    run = cache.rows_run
+    got, live = cache.outputs(mixed, teacher), teacher(mixed)
+    assert (cache.passes, cache.rows_run - run) == (3, 2)         # the teacher ran on the new rows alone
+    torch.testing.assert_close(got["embeddings"], live["embeddings"], atol=2e-3 if dtype == "bfloat16" else 1e-5,
+                               rtol=0)
+    for limit in (0, 1):   # off; full after one row
+        small = TeacherCache(limit)
+        for b in (first, first, again):
+            small.outputs(b, teacher)
+        assert (small.passes, len(small.rows)) == (3, limit)
+
+
 def test_a_bfloat16_teacher_gives_float32_targets_close_to_the_float32_teacher(model, batches):
     exact = teacher_outputs(model, batches[0])
     fast = teacher_outputs(model, batches[0], dtype="bfloat16")

@@ -187,6 +187,32 @@ def test_teacher_targets_are_computed_once_and_give_what_the_live_teacher_gives(
 
 
 @pytest.mark.timeout(300)
+def test_recovery_keeps_the_teachers_outputs_for_rows_met_again(tiny_model_dir):
+    """Recovery meets its rows again every epoch: the frozen teacher's outputs for a row met again (hidden
+    states included) are kept in memory, so the teacher runs on the first two epochs' batches only, and
+    the run ends where a run with the teacher beside every step ends."""
+    def spec(name, row_cache_mb):
+        data = tiny_spec(tiny_model_dir, name)
+        data["data"]["max_train_examples"] = 16
+        data["recovery"] = {"steps": 16, "learning_rate": 1e-3,
+                            "distillation": {"enabled": True, "hidden": True, "row_cache_mb": row_cache_mb}}
+        return data
+
+    cached, live = run_in_process(spec("rows", 64)), run_in_process(spec("live", 0))
+    passes = "cost/recover/teacher_passes"
+    assert live.state.metrics[passes] == 16
+    # 16 rows per language, two languages: epochs of 4 batches of 8; a row is kept when met again
+    assert cached.state.metrics[passes] == 8
+    assert (cached.state.metrics["cost/recover/teacher_rows"], cached.state.metrics["cost/recover/distilled_rows"],
+            live.state.metrics["cost/recover/teacher_rows"]) == (64, 128, 128)
+    compared = [key for key in live.state.metrics if key.startswith("xnli/")]
+    assert compared
+    for key in compared:
+        assert cached.state.metrics[key] == pytest.approx(live.state.metrics[key], abs=1e-4), key
+    assert_same_weights(cached.model, live.model, atol=1e-4)
+
+
+@pytest.mark.timeout(300)
 def test_importance_scores_of_the_dense_model_are_computed_once(tiny_model_dir, tmp_path):
     """Runs that differ only in sparsity read the first one's gradient scores and select from them what
     fresh scores give; another algorithm scores anew."""

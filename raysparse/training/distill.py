@@ -40,8 +40,8 @@ from raysparse.errors import RaysparseError
 from raysparse.structure import Encoder, Mask, structure_of
 from raysparse.structure.tokens import token_mask
 from raysparse.training.loop import Callback, Forward
+from raysparse.training.teacher_cache import Outputs, TeacherCache
 
-Outputs = dict[str, Any]
 
 
 # --- running models -----------------------------------------------------------------------------------
@@ -126,7 +126,8 @@ def teacher_outputs(teacher: nn.Module, batch: Any, hidden_states: bool = True,
 
     ``dtype="bfloat16"`` runs it under autocast: about half the time where the hardware has
     bfloat16 units (recent Xeons' AMX, Ampere and later GPUs), for targets that differ in the
-    third significant digit, which soft targets at temperature 2 do not notice."""
+    third significant digit, which soft targets at temperature 2 do not notice; its hidden states
+    are then rounded to bfloat16 (what :class:`TeacherCache` keeps of them)."""
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device.type
@@ -135,6 +136,8 @@ def teacher_outputs(teacher: nn.Module, batch: Any, hidden_states: bool = True,
             out = forward_outputs(teacher, batch, hidden_states, forward)
     finally:
         teacher.train(was_training)
+    if dtype == "bfloat16" and "hidden_states" in out:   # held at the precision they were computed in (as cached)
+        out["hidden_states"] = tuple(h.to(torch.bfloat16) for h in out["hidden_states"])
     return {k: _as_float(v) for k, v in out.items()}
 
 
@@ -270,12 +273,17 @@ class Distillation(Callback):
     :class:`~raysparse.training.loop.Forward` with their batch and outputs (with hidden states
     when ``config.hidden``; record them with :func:`forward_outputs`), and, with several masks,
     the key of ``layer_maps`` that matches the student's layers to the teacher's.
-    ``targets`` (step -> :func:`target_outputs`) replaces running the teacher when given.
+    ``targets`` (step -> :func:`target_outputs`) replaces running the teacher when given; otherwise
+    the teacher's outputs per recurring row are kept in memory (``config.row_cache_mb``;
+    :class:`TeacherCache`), and the teacher runs on the rows of a batch that are not kept.
     """
 
     def __init__(self, teacher: nn.Module, config, layer_maps: Mapping[str | None, Mapping[int, int]] | None = None,
                  targets: Mapping[int, Outputs] | None = None):
         self.teacher, self.config, self.layer_maps, self.targets = teacher, config, layer_maps or {}, targets
+        dtype = getattr(config, "teacher_dtype", "float32")
+        self.cache = TeacherCache(int(getattr(config, "row_cache_mb", 0)) << 20,
+                                  torch.bfloat16 if dtype == "bfloat16" else torch.float32)
 
     def after_loss(self, step: int, forward: Forward) -> torch.Tensor:
         if forward.outputs is None:
@@ -285,8 +293,8 @@ class Distillation(Callback):
             device = forward.loss.device
             teacher_out = {k: v.to(device) for k, v in self.targets[step].items()}
         else:
-            teacher_out = teacher_outputs(self.teacher, forward.batch, hidden,
-                                          dtype=getattr(self.config, "teacher_dtype", "float32"))
+            teacher_out = self.cache.outputs(forward.batch, lambda batch: teacher_outputs(
+                self.teacher, batch, hidden, dtype=getattr(self.config, "teacher_dtype", "float32")))
         return distillation_loss(forward.outputs, teacher_out, self.config.temperature, self.config.alpha,
                                  self.config.hidden_weight if hidden else 0.0, self.layer_maps.get(forward.key),
                                  task_loss=forward.loss)

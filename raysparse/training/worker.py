@@ -623,7 +623,8 @@ class Run:
             layer_maps = ({key: layer_map_for(self.model, self.teacher, self.state.masks[key]) for key in keys}
                           if hidden else {})
             targets = self._teacher_targets(batch_at, steps, stage) if not hidden and distill.cache_targets else None
-            callbacks.append(Distillation(self.teacher, distill, layer_maps, targets))
+            distillation = Distillation(self.teacher, distill, layer_maps, targets)
+            callbacks.append(distillation)
         optimizer, scheduler = self.optimizer(spec.recovery.learning_rate, steps, 0.0, resume=resumable)
         if resumable and spec.recovery.evaluate_every:
             def evaluate(step: int, loss: float) -> None:
@@ -633,6 +634,11 @@ class Run:
             callbacks.append(Every(spec.recovery.evaluate_every, evaluate))
         with attach_gates(self.model, gates) if partial else contextlib.nullcontext():
             self.fit(stage, single(loss), optimizer, scheduler, steps, callbacks, resumable=resumable)
+        if distilling:   # the rows the teacher ran on, of those distilled (recurring rows read its kept outputs)
+            cache, metrics = distillation.cache, self.state.metrics
+            for name, count in (("teacher_passes", cache.passes), ("teacher_rows", cache.rows_run),
+                                ("distilled_rows", cache.rows_read)):
+                metrics[f"cost/{stage}/{name}"] = metrics.get(f"cost/{stage}/{name}", 0.0) + count
 
     def _evaluate_during_recovery(self, step: int, gates: UnitGates, optimizer, scheduler) -> None:
         """Quality after ``step`` recovery steps, as curves in MLflow and a report with ``recovery_step``
