@@ -17,7 +17,9 @@ as in that spec) three ways in this process, each through the run pipeline:
           cache (what every trial of a search after the first pays; the one-off cost of
           computing them, paid by dense-c here, is printed).
 
-The variants take turns of ``--chunk`` steps while they are timed (a drift in the machine's speed,
+Every turn is a new recovery, whose teacher keeps no rows yet (``recovery.distillation.row_cache_mb``):
+the teacher's pass is timed as a first epoch pays it; over the spec's 400 steps it runs on 63% of
+the rows (docs/runs.md). The variants take turns of ``--chunk`` steps while they are timed (a drift in the machine's speed,
 large on shared VMs, reaches all of them alike); the quality figures come from a separate real
 recovery of ``--steps`` steps. Prints the median milliseconds per step of each, the ratios
 shrunk/dense and gated/dense step by step (the median over steps of the ratio on the same batch),
