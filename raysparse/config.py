@@ -88,7 +88,7 @@ class DistillationConfig(Strict):
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"
     # the teacher's outputs for recovery rows that recur (XNLI's English side in every language, a small
     # training set every epoch), kept in memory up to this many MiB (0: off): the teacher then runs on a
-    # batch's other rows only; hidden states are kept in teacher_dtype
+    # batch's other rows only; hidden states are kept in teacher_dtype, on the teacher's device
     row_cache_mb: int = Field(2048, ge=0)
 
 
