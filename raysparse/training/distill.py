@@ -43,7 +43,6 @@ from raysparse.training.loop import Callback, Forward
 from raysparse.training.teacher_cache import Outputs, TeacherCache
 
 
-
 # --- running models -----------------------------------------------------------------------------------
 def as_outputs(out: Any) -> Outputs:
     """A plain dict of a model's outputs (a bare tensor is taken as logits)."""
@@ -281,9 +280,9 @@ class Distillation(Callback):
     def __init__(self, teacher: nn.Module, config, layer_maps: Mapping[str | None, Mapping[int, int]] | None = None,
                  targets: Mapping[int, Outputs] | None = None):
         self.teacher, self.config, self.layer_maps, self.targets = teacher, config, layer_maps or {}, targets
-        dtype = getattr(config, "teacher_dtype", "float32")
+        self.dtype = getattr(config, "teacher_dtype", "float32")
         self.cache = TeacherCache(int(getattr(config, "row_cache_mb", 0)) << 20,
-                                  torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+                                  torch.bfloat16 if self.dtype == "bfloat16" else torch.float32)
 
     def after_loss(self, step: int, forward: Forward) -> torch.Tensor:
         if forward.outputs is None:
@@ -293,8 +292,8 @@ class Distillation(Callback):
             device = forward.loss.device
             teacher_out = {k: v.to(device) for k, v in self.targets[step].items()}
         else:
-            teacher_out = self.cache.outputs(forward.batch, lambda batch: teacher_outputs(
-                self.teacher, batch, hidden, dtype=getattr(self.config, "teacher_dtype", "float32")))
+            teacher_out = self.cache.outputs(forward.batch,
+                                             lambda batch: teacher_outputs(self.teacher, batch, hidden, dtype=self.dtype))
         return distillation_loss(forward.outputs, teacher_out, self.config.temperature, self.config.alpha,
                                  self.config.hidden_weight if hidden else 0.0, self.layer_maps.get(forward.key),
                                  task_loss=forward.loss)

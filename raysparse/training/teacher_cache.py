@@ -40,7 +40,7 @@ class TeacherCache:
     def outputs(self, batch: Any, compute: Callable[[Any], Outputs]) -> Outputs:
         """The teacher's outputs on ``batch``; ``compute(b)`` runs the teacher on a batch ``b``."""
         keys = row_keys(batch) if self.limit > 0 else None
-        self.rows_read += len(keys) if keys is not None else 0
+        self.rows_read += _rows(batch)
         if keys is None:
             return self._run(compute, batch)
         mask = batch["attention_mask"].bool()
@@ -67,9 +67,14 @@ class TeacherCache:
 
     def _run(self, compute: Callable[[Any], Outputs], batch: Any) -> Outputs:
         self.passes += 1
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        self.rows_run += len(mask) if isinstance(mask, torch.Tensor) else 0
+        self.rows_run += _rows(batch)
         return compute(batch)
+
+
+def _rows(batch: Any) -> int:
+    """How many rows a dict batch has (0 for other batches: they are not counted)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return len(mask) if isinstance(mask, torch.Tensor) else 0
 
 
 def row_keys(batch: Any) -> list[bytes] | None:

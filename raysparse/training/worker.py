@@ -634,7 +634,7 @@ class Run:
             callbacks.append(Every(spec.recovery.evaluate_every, evaluate))
         with attach_gates(self.model, gates) if partial else contextlib.nullcontext():
             self.fit(stage, single(loss), optimizer, scheduler, steps, callbacks, resumable=resumable)
-        if distilling:   # the rows the teacher ran on, of those distilled (recurring rows read its kept outputs)
+        if distilling and targets is None:   # the rows the teacher ran on, of those distilled (recurring rows: kept)
             cache, metrics = distillation.cache, self.state.metrics
             for name, count in (("teacher_passes", cache.passes), ("teacher_rows", cache.rows_run),
                                 ("distilled_rows", cache.rows_read)):
