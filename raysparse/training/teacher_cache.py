@@ -50,20 +50,26 @@ class TeacherCache:
         whole = len(missing) == len(keys)
         part = batch if whole else _rows_of(batch, missing)
         out = self._run(compute, part)
-        fresh = _split(out, part["attention_mask"].bool(), self.dtype)
+        # row j of ``part`` is row missing[j]: split the rows met before (they are kept), and every row of a part
+        wanted, here = set(), set()
+        for j, i in enumerate(missing):
+            if not whole or keys[i] in self.seen or keys[i] in here:
+                wanted.add(j)
+            here.add(keys[i])
+        fresh = _split(out, part["attention_mask"].bool(), self.dtype, wanted)
         if fresh is None:   # per-token targets: this stage runs the teacher on whole batches
             self.limit = 0
             return out if whole else self._run(compute, batch)
-        for i, row in zip(missing, fresh):
+        for j, i in enumerate(missing):
             key = keys[i]
-            if key in self.seen and self.used < self.limit:
-                self.rows[key] = row
-                self.used += sum(v.numel() * v.element_size() for v in row.values())
+            if key in self.seen and j in fresh and self.used < self.limit:
+                self.rows[key] = fresh[j]
+                self.used += sum(v.numel() * v.element_size() for v in fresh[j].values())
             self.seen.add(key)
         if whole:
             return out
-        given = dict(zip(missing, fresh))
-        return _assemble([given[i] if i in given else self.rows[key] for i, key in enumerate(keys)], mask)
+        position = {i: j for j, i in enumerate(missing)}
+        return _assemble([fresh[position[i]] if i in position else self.rows[key] for i, key in enumerate(keys)], mask)
 
     def _run(self, compute: Callable[[Any], Outputs], batch: Any) -> Outputs:
         self.passes += 1
@@ -97,8 +103,9 @@ def _rows_of(batch: Mapping, rows: list[int]) -> dict:
     return {k: v[index][:, :width] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape == mask.shape}
 
 
-def _split(out: Outputs, mask: torch.Tensor, dtype: torch.dtype) -> list[dict[str, torch.Tensor]] | None:
-    """What distillation reads of each row of the teacher's ``out``; None when its targets are per token."""
+def _split(out: Outputs, mask: torch.Tensor, dtype: torch.dtype,
+           which: set[int]) -> dict[int, dict[str, torch.Tensor]] | None:
+    """What distillation reads of rows ``which`` of the teacher's ``out``; None when its targets are per token."""
     rows = len(mask)
     targets = {k: out[k] for k in ROW_TARGETS if k in out}
     if any(k in out for k in ("start_logits", "end_logits")) or any(
@@ -109,12 +116,12 @@ def _split(out: Outputs, mask: torch.Tensor, dtype: torch.dtype) -> list[dict[st
     if stacked is not None and stacked.shape[1:3] != mask.shape:
         return None
     mask = mask.to(stacked.device) if stacked is not None else mask
-    split = []
-    for i in range(rows):
+    split = {}
+    for i in sorted(which):
         row = {k: v[i].detach().clone() for k, v in targets.items()}
         if stacked is not None:
             row["hidden_states"] = stacked[:, i, mask[i]].to(dtype)   # [states, real tokens, width]
-        split.append(row)
+        split[i] = row
     return split
 
 
